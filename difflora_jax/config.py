@@ -1,0 +1,385 @@
+"""Configuration dataclasses with validation and YAML round-trip.
+
+Every config is a frozen dataclass. ``from_dict`` rejects unknown fields and names the allowed
+ones; ``validate`` names the bad field and its allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from difflora_jax.errors import ConfigError
+
+T = TypeVar("T")
+
+ROPE_TYPES = ("default", "llama3", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling as in HF ``rope_scaling`` (``llama3`` for Llama 3.1 / 3.2, or ``linear``)."""
+
+    rope_type: str = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def validate(self) -> None:
+        if self.rope_type not in ROPE_TYPES[1:]:
+            raise ConfigError(
+                f"rope_scaling.rope_type={self.rope_type!r} is not supported; allowed: "
+                f"{list(ROPE_TYPES[1:])} (or no rope_scaling for the default RoPE)"
+            )
+        _require(self.factor > 0, "rope_scaling.factor", self.factor, "> 0")
+        if self.rope_type == "llama3":
+            _require(
+                self.high_freq_factor > self.low_freq_factor,
+                "rope_scaling.high_freq_factor",
+                self.high_freq_factor,
+                f"> low_freq_factor ({self.low_freq_factor})",
+            )
+            _require(
+                self.original_max_position_embeddings > 0,
+                "rope_scaling.original_max_position_embeddings",
+                self.original_max_position_embeddings,
+                "> 0",
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Llama-family decoder (Llama 2 / 3 / 3.1 / 3.2, SmolLM2)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    # Per-frequency divisors of the RoPE inverse frequencies, as GGUF files of Llama 3.x carry them
+    # (tensor ``rope_freqs.weight``) instead of the ``rope_scaling`` parameters.
+    rope_freq_factors: tuple[float, ...] | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    name: str = ""
+
+    def validate(self) -> None:
+        for field in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, field)
+            _require(isinstance(value, int) and value > 0, field, value, "a positive integer")
+        _require(
+            self.num_heads % self.num_kv_heads == 0,
+            "num_kv_heads",
+            self.num_kv_heads,
+            f"a divisor of num_heads ({self.num_heads})",
+        )
+        _require(self.head_dim % 2 == 0, "head_dim", self.head_dim, "even (RoPE rotates pairs)")
+        _require(self.rms_norm_eps > 0, "rms_norm_eps", self.rms_norm_eps, "> 0")
+        _require(self.rope_theta > 0, "rope_theta", self.rope_theta, "> 0")
+        if self.rope_scaling is not None:
+            self.rope_scaling.validate()
+        if self.rope_freq_factors is not None:
+            _require(
+                len(self.rope_freq_factors) == self.head_dim // 2,
+                "rope_freq_factors",
+                f"{len(self.rope_freq_factors)} values",
+                f"head_dim / 2 = {self.head_dim // 2} values",
+            )
+
+    @property
+    def num_params(self) -> int:
+        """Number of base-model parameters (the tied LM head counted once)."""
+        e, h, kv, d, m, v = (
+            self.hidden_size,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.intermediate_size,
+            self.vocab_size,
+        )
+        attention = e * h * d * 2 + e * kv * d * 2
+        per_layer = attention + 3 * e * m + 2 * e
+        head = 0 if self.tie_word_embeddings else v * e
+        return v * e + self.num_layers * per_layer + e + head
+
+
+# Public shapes of common models, usable without weights (parameter counts, sharding, speed).
+SHAPES: dict[str, ModelConfig] = {
+    "smollm2-135m": ModelConfig(
+        name="smollm2-135m",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_ids=(2,),
+    ),
+    "llama-3.2-1b": ModelConfig(
+        name="llama-3.2-1b",
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling=RopeScaling("llama3", 32.0, 1.0, 4.0, 8192),
+        max_position_embeddings=131072,
+        tie_word_embeddings=True,
+        bos_token_id=128000,
+        eos_token_ids=(128001, 128008, 128009),
+    ),
+    "llama-3.1-8b": ModelConfig(
+        name="llama-3.1-8b",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192),
+        max_position_embeddings=131072,
+        tie_word_embeddings=False,
+        bos_token_id=128000,
+        eos_token_ids=(128001, 128008, 128009),
+    ),
+    "llama-2-7b": ModelConfig(
+        name="llama-2-7b",
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_ids=(2,),
+    ),
+}
+
+
+def _require(ok: bool, field: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"config field {field!r} = {value!r} is invalid: must be {allowed}")
+
+
+# ---------------------------------------------------------------------------------------------
+# dict / YAML round-trip shared by every config dataclass
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A plain dict (lists for tuples) of a config dataclass, for YAML or JSON."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(config)
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from a dict, converting nested dataclasses and tuples.
+
+    Unknown keys raise a ConfigError naming the key and the allowed fields; a wrong type names the
+    field and the expected type.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where or cls.__name__}: unknown field(s) {unknown}; allowed fields: {sorted(fields)}"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _convert(hints[name], value, f"{where}{name}" if not where else f"{where}.{name}")
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where or cls.__name__}: missing required field(s) {missing}")
+    config = cls(**kwargs)
+    if hasattr(config, "validate"):
+        config.validate()
+    return config
+
+
+def _convert(hint: Any, value: Any, field: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, field)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"config field {field!r}: bad value {value!r}")
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, field)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config field {field!r} = {value!r}: expected a list")
+        item = args[0] if args else Any
+        return tuple(_convert(item, v, field) for v in value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config field {field!r} = {value!r}: expected a number")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config field {field!r} = {value!r}: expected an integer")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config field {field!r} = {value!r}: expected true or false")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config field {field!r} = {value!r}: expected a string")
+        return value
+    return value
+
+
+def save_yaml(config: Any, path: str | Path) -> None:
+    """Write a config dataclass as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def load_yaml(cls: type[T], path: str | Path) -> T:
+    """Read a config dataclass from YAML (safe loader), validating every field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    return from_dict(cls, data or {}, where="")
+
+
+# ---------------------------------------------------------------------------------------------
+# HF config.json -> ModelConfig
+
+SUPPORTED_HF_ARCHITECTURES = ("LlamaForCausalLM",)
+
+
+def model_config_from_hf(hf: dict[str, Any], name: str = "") -> ModelConfig:
+    """ModelConfig from the dict of a Hugging Face Llama ``config.json``."""
+    archs = hf.get("architectures") or []
+    model_type = hf.get("model_type")
+    if model_type != "llama" and not any(a in SUPPORTED_HF_ARCHITECTURES for a in archs):
+        raise ConfigError(
+            f"unsupported architecture: model_type={model_type!r}, architectures={archs}; "
+            f"difflora_jax supports Llama-family checkpoints (model_type 'llama', "
+            f"{list(SUPPORTED_HF_ARCHITECTURES)})"
+        )
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            raise ConfigError(f"config.json sets {flag}=true; biased Llama variants are not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"config.json hidden_act={hf['hidden_act']!r}; only 'silu' is supported")
+    try:
+        num_heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
+        rope_scaling = None
+        rs = hf.get("rope_scaling")
+        # transformers >= 5 writes rope settings under "rope_parameters".
+        rp = hf.get("rope_parameters")
+        rope_theta = hf.get("rope_theta")
+        if isinstance(rp, dict):
+            rope_theta = rp.get("rope_theta", rope_theta)
+            if rp.get("rope_type", "default") != "default":
+                rs = rp
+        if rs:
+            rope_type = rs.get("rope_type", rs.get("type", "default"))
+            if rope_type != "default":
+                if rope_type not in ROPE_TYPES:
+                    raise ConfigError(
+                        f"config.json rope_scaling type {rope_type!r} is not supported; "
+                        f"allowed: {list(ROPE_TYPES)}"
+                    )
+                rope_scaling = RopeScaling(
+                    rope_type=rope_type,
+                    factor=float(rs.get("factor", 1.0)),
+                    low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
+                    high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
+                    original_max_position_embeddings=int(
+                        rs.get("original_max_position_embeddings", 8192)
+                    ),
+                )
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        config = ModelConfig(
+            name=name,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            pad_token_id=hf.get("pad_token_id"),
+        )
+    except KeyError as e:
+        raise ConfigError(f"config.json lacks the required field {e.args[0]!r}") from e
+    config.validate()
+    return config

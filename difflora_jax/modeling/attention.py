@@ -1,0 +1,121 @@
+"""Attention: masks, the KV cache, and one attention function with a backend switch.
+
+Every caller (the standard Llama attention here, the differential attention of DiffLoRA) goes
+through :func:`attention`. The differential variant stacks its positive and negative queries
+along the head axis and calls it once (see ``modeling/adapters.py``), so there is a single
+attention path to optimise per backend.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from difflora_jax.errors import ConfigError
+
+BACKENDS = ("xla", "jax")
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def make_attention_mask(
+    key_valid: jax.Array,
+    query_slots: jax.Array,
+    query_segments: jax.Array | None = None,
+    key_segments: jax.Array | None = None,
+) -> jax.Array:
+    """Boolean mask ``[batch, 1, q_len, kv_len]``: causal by slot, padding and packing aware.
+
+    ``key_valid`` ``[batch, kv_len]`` marks real (non-padding) keys; ``query_slots`` ``[q_len]``
+    gives each query's slot in the key sequence (``arange(q_len)`` without a cache, the cache
+    index plus that while decoding). A query attends to keys at slots ``<=`` its own that are
+    valid and, when segment ids are given (packed sequences), in the same segment.
+    """
+    kv_len = key_valid.shape[1]
+    causal = jnp.arange(kv_len)[None, :] <= query_slots[:, None]  # [q_len, kv_len]
+    mask = causal[None, None, :, :] & key_valid[:, None, None, :].astype(bool)
+    if query_segments is not None:
+        if key_segments is None:
+            key_segments = query_segments
+        same = query_segments[:, :, None] == key_segments[:, None, :]
+        mask = mask & same[:, None, :, :]
+    return mask
+
+
+def attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array,
+    *,
+    backend: str = "xla",
+    scale: float | None = None,
+) -> jax.Array:
+    """Softmax attention with grouped-query heads.
+
+    query ``[batch, q_len, heads, head_dim]``; key, value ``[batch, kv_len, kv_heads, head_dim]``
+    with ``heads`` a multiple of ``kv_heads``; mask ``[batch, 1, q_len, kv_len]`` (True = attend).
+    Returns ``[batch, q_len, heads, head_dim]`` in the query's dtype. Logits and softmax are
+    float32 whatever the input dtype. Rows with no valid key (left padding) give finite values.
+    """
+    batch, q_len, heads, head_dim = query.shape
+    kv_heads = key.shape[2]
+    if heads % kv_heads:
+        raise ValueError(f"query heads {heads} is not a multiple of kv heads {kv_heads}")
+    scale = head_dim**-0.5 if scale is None else scale
+    if backend == "xla":
+        groups = heads // kv_heads
+        q = query.reshape(batch, q_len, kv_heads, groups, head_dim)
+        logits = jnp.einsum(
+            "btkgd,bskd->bkgts", q, key, preferred_element_type=jnp.float32
+        ) * jnp.float32(scale)
+        logits = jnp.where(mask[:, :, None, :, :], logits, _MASK_VALUE)
+        probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, value, preferred_element_type=jnp.float32)
+        return out.reshape(batch, q_len, heads, head_dim).astype(query.dtype)
+    if backend == "jax":
+        # jax.nn.dot_product_attention picks cuDNN flash attention on GPUs where it applies.
+        return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale)
+    raise ConfigError(f"attention backend {backend!r} is not supported; allowed: {list(BACKENDS)}")
+
+
+@struct.dataclass
+class KVCache:
+    """Preallocated keys and values for every layer, plus which slots hold real tokens.
+
+    keys[i], values[i]: ``[batch, max_length, kv_heads, head_dim]``; key_valid:
+    ``[batch, max_length]``; index: the next slot to write (the same for the whole batch, since
+    prompts are left-padded to one length).
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    key_valid: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def create(
+        cls,
+        num_layers: int,
+        batch: int,
+        max_length: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: jnp.dtype,
+    ) -> KVCache:
+        shape = (batch, max_length, kv_heads, head_dim)
+        return cls(
+            keys=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+            values=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+            key_valid=jnp.zeros((batch, max_length), bool),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def max_length(self) -> int:
+        return self.key_valid.shape[1]
+
+
+def write_kv(cache_kv: jax.Array, new_kv: jax.Array, index: jax.Array) -> jax.Array:
+    """Write ``new_kv`` ``[batch, n, kv_heads, head_dim]`` into the cache at slot ``index``."""
+    return jax.lax.dynamic_update_slice_in_dim(cache_kv, new_kv.astype(cache_kv.dtype), index, 1)

@@ -1,0 +1,296 @@
+"""A Llama-family decoder in Flax NNX: embeddings, RMSNorm, RoPE, grouped-query attention,
+SwiGLU MLP, tied or untied LM head.
+
+Parameter layout (what sharding rules and the weight loaders see; logical axis names in the
+``logical_axes`` metadata of every parameter):
+
+    embed_tokens.embedding            [vocab, embed]
+    layers.{i}.input_norm.scale       [embed]
+    layers.{i}.attn.q_proj.kernel     [embed, heads, head_dim]
+    layers.{i}.attn.k_proj.kernel     [embed, kv_heads, head_dim]
+    layers.{i}.attn.v_proj.kernel     [embed, kv_heads, head_dim]
+    layers.{i}.attn.o_proj.kernel     [heads, head_dim, embed]
+    layers.{i}.mlp_norm.scale         [embed]
+    layers.{i}.mlp.gate_proj.kernel   [embed, mlp]
+    layers.{i}.mlp.up_proj.kernel     [embed, mlp]
+    layers.{i}.mlp.down_proj.kernel   [mlp, embed]
+    final_norm.scale                  [embed]
+    lm_head.kernel                    [embed, vocab]   (absent with tied embeddings)
+
+Nothing here knows about files, meshes or training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from difflora_jax.config import ModelConfig
+from difflora_jax.modeling.attention import KVCache, attention, make_attention_mask, write_kv
+from difflora_jax.modeling.rope import apply_rope, inverse_frequencies, rope_angles
+
+_INIT = jax.nn.initializers.normal(stddev=0.02)
+
+
+class Projection(nnx.Module):
+    """A bias-free linear map contracting the trailing ``len(in_shape)`` input axes."""
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        out_shape: Sequence[int],
+        in_axes: Sequence[str],
+        out_axes: Sequence[str],
+        *,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
+        self.in_shape = tuple(in_shape)
+        self.out_shape = tuple(out_shape)
+        kernel = _INIT(rngs.params(), self.in_shape + self.out_shape, dtype)
+        self.kernel = nnx.Param(kernel, logical_axes=tuple(in_axes) + tuple(out_axes))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in = len(self.in_shape)
+        kernel = self.kernel[...]
+        return jax.lax.dot_general(
+            x.astype(kernel.dtype),
+            kernel,
+            ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
+        )
+
+
+class RMSNorm(nnx.Module):
+    """RMS normalisation in float32 with a learned scale (as transformers' LlamaRMSNorm)."""
+
+    def __init__(self, dim: int, eps: float, *, dtype: jnp.dtype, axis_name: str = "embed"):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), dtype), logical_axes=(axis_name,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        scale = self.scale[...]
+        return scale * normed.astype(scale.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE; the base for the differential variant."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_index: int,
+        *,
+        dtype: jnp.dtype,
+        attention_backend: str,
+        rngs: nnx.Rngs,
+    ):
+        e, h, kv, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        self.layer_index = layer_index
+        self.num_heads = h
+        self.attention_backend = attention_backend
+        self.q_proj = Projection((e,), (h, d), ("embed",), ("heads", "head_dim"), dtype=dtype, rngs=rngs)
+        self.k_proj = Projection((e,), (kv, d), ("embed",), ("kv_heads", "head_dim"), dtype=dtype, rngs=rngs)
+        self.v_proj = Projection((e,), (kv, d), ("embed",), ("kv_heads", "head_dim"), dtype=dtype, rngs=rngs)
+        self.o_proj = Projection((h, d), (e,), ("heads", "head_dim"), ("embed",), dtype=dtype, rngs=rngs)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array,
+        kv_cache: tuple[jax.Array, jax.Array] | None = None,
+        cache_index: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """x ``[batch, length, embed]`` -> ``[batch, length, embed]`` and the updated layer cache."""
+        query = apply_rope(self.q_proj(x), cos, sin)  # [batch, length, heads, head_dim]
+        key = apply_rope(self.k_proj(x), cos, sin)  # [batch, length, kv_heads, head_dim]
+        value = self.v_proj(x)
+        if kv_cache is not None:
+            key = write_kv(kv_cache[0], key, cache_index)  # [batch, max_length, kv_heads, head_dim]
+            value = write_kv(kv_cache[1], value, cache_index)
+            kv_cache = (key, value)
+        out = attention(query, key, value, mask, backend=self.attention_backend)
+        return self.o_proj(out), kv_cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        e, m = config.hidden_size, config.intermediate_size
+        self.gate_proj = Projection((e,), (m,), ("embed",), ("mlp",), dtype=dtype, rngs=rngs)
+        self.up_proj = Projection((e,), (m,), ("embed",), ("mlp",), dtype=dtype, rngs=rngs)
+        self.down_proj = Projection((m,), (e,), ("mlp",), ("embed",), dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_index: int,
+        *,
+        dtype: jnp.dtype,
+        attention_backend: str,
+        rngs: nnx.Rngs,
+    ):
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.attn = Attention(
+            config, layer_index, dtype=dtype, attention_backend=attention_backend, rngs=rngs
+        )
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.mlp = MLP(config, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
+        attn_out, kv_cache = self.attn(self.input_norm(x), cos, sin, mask, kv_cache, cache_index)
+        x = x + attn_out
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, kv_cache
+
+
+class Embedding(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(
+            _INIT(rngs.params(), (vocab, dim), dtype), logical_axes=("vocab", "embed")
+        )
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Logits against the embedding matrix (tied LM head)."""
+        table = self.embedding[...]
+        return jnp.einsum("btd,vd->btv", x.astype(table.dtype), table)
+
+
+class LlamaForCausalLM(nnx.Module):
+    """Llama-family causal LM. ``model(input_ids, attention_mask)`` gives float32 logits."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        dtype: jnp.dtype = jnp.float32,
+        attention_backend: str = "xla",
+        rngs: nnx.Rngs,
+    ):
+        config.validate()
+        self.config = config
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List(
+            [
+                DecoderLayer(
+                    config, i, dtype=dtype, attention_backend=attention_backend, rngs=rngs
+                )
+                for i in range(config.num_layers)
+            ]
+        )
+        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        if not config.tie_word_embeddings:
+            self.lm_head = Projection(
+                (config.hidden_size,),
+                (config.vocab_size,),
+                ("embed",),
+                ("vocab",),
+                dtype=dtype,
+                rngs=rngs,
+            )
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Switch every layer's attention backend (see ``modeling.attention.BACKENDS``)."""
+        for layer in self.layers:
+            layer.attn.attention_backend = backend
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """Logits ``[batch, length, vocab]`` (float32) for ``input_ids`` ``[batch, length]``.
+
+        ``attention_mask`` ``[batch, length]`` marks real tokens (1) and padding (0), left or
+        right. ``positions`` default to the count of real tokens before each one (so left
+        padding does not shift RoPE). ``segment_ids`` restrict attention to the same segment
+        (packed sequences; pass per-segment ``positions`` too).
+        """
+        logits, _ = self.forward(
+            input_ids, attention_mask, positions=positions, segment_ids=segment_ids
+        )
+        return logits
+
+    def forward(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Logits and, when ``cache`` is given, the cache with these tokens written at its index."""
+        batch, length = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((batch, length), jnp.int32)
+        attention_mask = attention_mask.astype(jnp.int32)
+        if positions is None:
+            positions = default_positions(attention_mask)
+            if cache is not None:
+                raise ValueError("forward with a cache needs explicit positions")
+        if cache is None:
+            mask = make_attention_mask(
+                attention_mask.astype(bool), jnp.arange(length), segment_ids, segment_ids
+            )
+            index = None
+        else:
+            index = cache.index
+            key_valid = jax.lax.dynamic_update_slice_in_dim(
+                cache.key_valid, attention_mask.astype(bool), index, 1
+            )
+            mask = make_attention_mask(key_valid, index + jnp.arange(length))
+        cos, sin = rope_angles(positions, inverse_frequencies(self.config))
+        x = self.embed_tokens(input_ids)  # [batch, length, embed]
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
+            x, layer_cache = layer(x, cos, sin, mask, layer_cache, index)
+            if layer_cache is not None:
+                new_keys.append(layer_cache[0])
+                new_values.append(layer_cache[1])
+        x = self.final_norm(x)
+        if self.config.tie_word_embeddings:
+            logits = self.embed_tokens.attend(x)
+        else:
+            logits = self.lm_head(x)
+        if cache is not None:
+            cache = KVCache(
+                keys=tuple(new_keys),
+                values=tuple(new_values),
+                key_valid=key_valid,
+                index=index + length,
+            )
+        return logits.astype(jnp.float32), cache
+
+    def init_cache(self, batch: int, max_length: int) -> KVCache:
+        """An empty KV cache for ``batch`` sequences of up to ``max_length`` tokens."""
+        c = self.config
+        dtype = self.embed_tokens.embedding[...].dtype
+        return KVCache.create(c.num_layers, batch, max_length, c.num_kv_heads, c.head_dim, dtype)
+
+
+def default_positions(attention_mask: jax.Array) -> jax.Array:
+    """RoPE positions: number of real tokens before each token (0 for padding)."""
+    return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
+
