@@ -235,7 +235,9 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = _convert(hints[name], value, f"{where}{name}" if not where else f"{where}.{name}")
+        kwargs[name] = _convert(
+            hints[name], value, f"{where}{name}" if not where else f"{where}.{name}"
+        )
     missing = [
         n
         for n, f in fields.items()
@@ -327,7 +329,9 @@ def model_config_from_hf(hf: dict[str, Any], name: str = "") -> ModelConfig:
         )
     for flag in ("attention_bias", "mlp_bias"):
         if hf.get(flag):
-            raise ConfigError(f"config.json sets {flag}=true; biased Llama variants are not supported")
+            raise ConfigError(
+                f"config.json sets {flag}=true; biased Llama variants are not supported"
+            )
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"config.json hidden_act={hf['hidden_act']!r}; only 'silu' is supported")
     try:

@@ -93,10 +93,18 @@ class Attention(nnx.Module):
         self.layer_index = layer_index
         self.num_heads = h
         self.attention_backend = attention_backend
-        self.q_proj = Projection((e,), (h, d), ("embed",), ("heads", "head_dim"), dtype=dtype, rngs=rngs)
-        self.k_proj = Projection((e,), (kv, d), ("embed",), ("kv_heads", "head_dim"), dtype=dtype, rngs=rngs)
-        self.v_proj = Projection((e,), (kv, d), ("embed",), ("kv_heads", "head_dim"), dtype=dtype, rngs=rngs)
-        self.o_proj = Projection((h, d), (e,), ("heads", "head_dim"), ("embed",), dtype=dtype, rngs=rngs)
+        self.q_proj = Projection(
+            (e,), (h, d), ("embed",), ("heads", "head_dim"), dtype=dtype, rngs=rngs
+        )
+        self.k_proj = Projection(
+            (e,), (kv, d), ("embed",), ("kv_heads", "head_dim"), dtype=dtype, rngs=rngs
+        )
+        self.v_proj = Projection(
+            (e,), (kv, d), ("embed",), ("kv_heads", "head_dim"), dtype=dtype, rngs=rngs
+        )
+        self.o_proj = Projection(
+            (h, d), (e,), ("heads", "head_dim"), ("embed",), dtype=dtype, rngs=rngs
+        )
 
     def __call__(
         self,
@@ -189,9 +197,7 @@ class LlamaForCausalLM(nnx.Module):
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
         self.layers = nnx.List(
             [
-                DecoderLayer(
-                    config, i, dtype=dtype, attention_backend=attention_backend, rngs=rngs
-                )
+                DecoderLayer(config, i, dtype=dtype, attention_backend=attention_backend, rngs=rngs)
                 for i in range(config.num_layers)
             ]
         )
@@ -293,4 +299,3 @@ class LlamaForCausalLM(nnx.Module):
 def default_positions(attention_mask: jax.Array) -> jax.Array:
     """RoPE positions: number of real tokens before each token (0 for padding)."""
     return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
-

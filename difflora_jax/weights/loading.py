@@ -134,9 +134,8 @@ def build_model(
 def _dtype(dtype: str) -> jnp.dtype:
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
-    for name, value in DTYPES.items():
-        if dtype == value:
-            return value
+    if any(dtype == value for value in DTYPES.values()):
+        return jnp.dtype(dtype).type
     raise ConfigError(f"dtype={dtype!r} is not supported; allowed: {sorted(DTYPES)}")
 
 
@@ -157,7 +156,11 @@ def load_model(
     _dtype(dtype)
     path = resolve_source(source)
     if path.suffix == ".gguf":
-        from difflora_jax.weights.gguf_io import model_config_from_gguf, open_gguf, read_gguf_tensors
+        from difflora_jax.weights.gguf_io import (
+            model_config_from_gguf,
+            open_gguf,
+            read_gguf_tensors,
+        )
         from difflora_jax.weights.tokenizer import tokenizer_from_gguf
 
         reader = open_gguf(path)

@@ -19,7 +19,9 @@ SINGLE_FILE = "model.safetensors"
 def read_hf_config(directory: Path) -> ModelConfig:
     path = directory / "config.json"
     if not path.is_file():
-        raise CheckpointError(f"{directory} has no config.json; is it a Hugging Face model directory?")
+        raise CheckpointError(
+            f"{directory} has no config.json; is it a Hugging Face model directory?"
+        )
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:

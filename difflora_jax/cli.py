@@ -1,0 +1,122 @@
+"""The ``difflora`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from difflora_jax.errors import DiffLoRAError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
+    return value
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="a Hugging Face model directory, a .gguf file, or an alias (smollm2-135m-instruct)",
+    )
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="difflora", description="DiffLoRA for Llama-family models in JAX / Flax NNX."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = commands.add_parser("generate", help="generate text from a prompt")
+    _add_model_args(gen)
+    gen.add_argument(
+        "--prompt", required=True, action="append", help="prompt text (repeat for a batch)"
+    )
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    gen.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=_probability, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+
+    info = commands.add_parser("info", help="print a model's configuration and parameter count")
+    _add_model_args(info)
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from difflora_jax.generation import generate
+    from difflora_jax.weights.loading import load_model
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    outputs = generate(
+        model,
+        tokenizer,
+        list(args.prompt),
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+        chat=args.chat,
+    )
+    for prompt, out in zip(args.prompt, outputs):
+        if args.json:
+            record = {"prompt": prompt, "text": out.text, "finish_reason": out.finish_reason}
+            print(json.dumps(record, ensure_ascii=False))
+        else:
+            print(out.text)
+
+
+def _info(args: argparse.Namespace) -> None:
+    from difflora_jax.config import to_dict
+    from difflora_jax.weights.loading import load_model
+
+    model, _ = load_model(args.model, dtype=args.dtype, with_tokenizer=False)
+    record = to_dict(model.config)
+    record["rope_freq_factors"] = record["rope_freq_factors"] and len(record["rope_freq_factors"])
+    record["num_params"] = model.config.num_params
+    print(json.dumps(record, indent=2))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        {"generate": _generate, "info": _info}[args.command](args)
+    except DiffLoRAError as e:
+        print(f"difflora: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""Text generation: jitted prefill, then decode over a preallocated KV cache.
+
+Prompts are left-padded to one length (rounded up to a bucket so that repeated calls reuse the
+compiled functions). Decoding runs ``chunk_size`` steps per jitted call inside ``lax.scan``;
+between chunks the host checks EOS and stop strings, so a finished batch stops early.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from difflora_jax.errors import ConfigError
+
+PROMPT_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """One prompt's output: decoded text, generated token ids, and why it stopped."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "eos" | "stop" | "length"
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _select(logits: jax.Array, key: jax.Array, temperature, top_p, greedy: bool, nucleus: bool):
+    """Next token ``[batch]`` from last-position logits ``[batch, vocab]``."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / temperature
+    if nucleus:
+        probs = jax.nn.softmax(scaled, axis=-1)
+        sorted_probs = jnp.sort(probs, axis=-1)[:, ::-1]
+        kept = (jnp.cumsum(sorted_probs, axis=-1) - sorted_probs) < top_p  # first always kept
+        cutoff = jnp.min(jnp.where(kept, sorted_probs, jnp.inf), axis=-1, keepdims=True)
+        scaled = jnp.where(probs >= cutoff, scaled, -jnp.inf)
+    return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(5,))
+def _prefill(graphdef, state, input_ids, attention_mask, positions, cache):
+    model = nnx.merge(graphdef, state)
+    logits, cache = model.forward(input_ids, attention_mask, positions=positions, cache=cache)
+    return logits[:, -1], cache
+
+
+@functools.partial(
+    jax.jit,
+    static_argnums=(0,),
+    static_argnames=("steps", "greedy", "nucleus"),
+    donate_argnums=(2,),
+)
+def _decode_chunk(
+    graphdef,
+    state,
+    cache,
+    logits,
+    positions,
+    done,
+    key,
+    step0,
+    temperature,
+    top_p,
+    eos_ids,
+    pad_id,
+    *,
+    steps: int,
+    greedy: bool,
+    nucleus: bool,
+):
+    """``steps`` decode steps. Returns tokens ``[batch, steps]``, emitted flags, and the carry."""
+    model = nnx.merge(graphdef, state)
+
+    def step(carry, i):
+        cache, logits, positions, done = carry
+        token = _select(
+            logits, jax.random.fold_in(key, step0 + i), temperature, top_p, greedy, nucleus
+        )
+        emitted = ~done
+        token = jnp.where(done, pad_id, token)
+        done = done | jnp.isin(token, eos_ids)
+        ones = jnp.ones((token.shape[0], 1), jnp.int32)
+        new_logits, cache = model.forward(
+            token[:, None], ones, positions=positions[:, None], cache=cache
+        )
+        return (cache, new_logits[:, 0], positions + 1, done), (token, emitted)
+
+    (cache, logits, positions, done), (tokens, emitted) = jax.lax.scan(
+        step, (cache, logits, positions, done), jnp.arange(steps)
+    )
+    return tokens.T, emitted.T, cache, logits, positions, done
+
+
+def generate_ids(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eos_token_ids: Sequence[int] = (),
+    pad_token_id: int = 0,
+    chunk_size: int = 16,
+    should_stop=None,
+) -> list[tuple[list[int], str]]:
+    """Generate from token-id prompts; returns per prompt (new token ids, finish reason).
+
+    Token ids include the EOS token that ended a sequence. ``should_stop(row, ids)`` is called
+    between chunks for unfinished rows; returning True ends that row with reason ``"stop"``.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ConfigError("every prompt must hold at least one token")
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
+    if temperature < 0:
+        raise ConfigError(f"temperature={temperature} is invalid: must be >= 0 (0 = greedy)")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top_p={top_p} is invalid: must be in (0, 1]")
+    batch = len(prompts)
+    prompt_len = _round_up(max(len(p) for p in prompts), PROMPT_BUCKET)
+    steps_total = _round_up(max_new_tokens, chunk_size)
+    limit = model.config.max_position_embeddings
+    if max(len(p) for p in prompts) + max_new_tokens > limit:
+        raise ConfigError(
+            f"prompt ({max(len(p) for p in prompts)} tokens) + max_new_tokens ({max_new_tokens}) "
+            f"exceeds the model's max_position_embeddings ({limit})"
+        )
+    input_ids = np.full((batch, prompt_len), pad_token_id, np.int32)
+    mask = np.zeros((batch, prompt_len), np.int32)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, prompt_len - len(prompt) :] = prompt
+        mask[row, prompt_len - len(prompt) :] = 1
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+
+    graphdef, state = nnx.split(model)
+    cache = model.init_cache(batch, prompt_len + steps_total)
+    logits, cache = _prefill(graphdef, state, input_ids, mask, positions, cache)
+    next_positions = jnp.asarray(positions[:, -1] + 1)
+    done = jnp.zeros((batch,), bool)
+    key = jax.random.key(seed)
+    eos = jnp.asarray(list(eos_token_ids) or [-1], jnp.int32)
+    greedy = temperature == 0
+    nucleus = (not greedy) and top_p < 1.0
+
+    outputs: list[list[int]] = [[] for _ in range(batch)]
+    reasons = ["length"] * batch
+    for step0 in range(0, max_new_tokens, chunk_size):
+        tokens, emitted, cache, logits, next_positions, done = _decode_chunk(
+            graphdef,
+            state,
+            cache,
+            logits,
+            next_positions,
+            done,
+            key,
+            step0,
+            jnp.float32(max(temperature, 1e-6)),
+            jnp.float32(top_p),
+            eos,
+            pad_token_id,
+            steps=chunk_size,
+            greedy=greedy,
+            nucleus=nucleus,
+        )
+        tokens, emitted, done_host = np.asarray(tokens), np.asarray(emitted), np.asarray(done)
+        for row in range(batch):
+            for t in range(chunk_size):
+                if emitted[row, t] and len(outputs[row]) < max_new_tokens:
+                    outputs[row].append(int(tokens[row, t]))
+                    if int(tokens[row, t]) in eos_token_ids:
+                        reasons[row] = "eos"
+        if should_stop is not None:
+            stopped = [
+                row
+                for row in range(batch)
+                if not done_host[row]
+                and reasons[row] == "length"
+                and should_stop(row, outputs[row])
+            ]
+            if stopped:
+                for row in stopped:
+                    reasons[row] = "stop"
+                done_host = done_host.copy()
+                done_host[stopped] = True
+                done = jnp.asarray(done_host)
+        if done_host.all():
+            break
+    return list(zip(outputs, reasons))
+
+
+def _prompt_token_ids(tokenizer, prompt: Any, chat: bool) -> list[int]:
+    if chat:
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ConfigError("chat=True, but the tokenizer has no chat template")
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if not isinstance(prompt, str):
+        raise ConfigError(
+            f"prompt must be a string (or messages with chat=True), got {type(prompt).__name__}"
+        )
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: str | Sequence[Any],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop: Sequence[str] = (),
+    chat: bool = False,
+    chunk_size: int = 16,
+) -> list[Generation]:
+    """Generate a continuation for each prompt (greedy when ``temperature == 0``).
+
+    With ``chat=True`` each prompt (a string, or a list of ``{"role", "content"}`` messages) goes
+    through the tokenizer's chat template. Generation of a prompt ends at an EOS token, at the
+    first of ``stop`` strings (excluded from the text), or after ``max_new_tokens`` tokens.
+    """
+    if tokenizer is None:
+        raise ConfigError("generate needs a tokenizer; this checkpoint has none (use generate_ids)")
+    if isinstance(prompts, str) or (chat and prompts and isinstance(prompts[0], dict)):
+        prompts = [prompts]
+    ids = [_prompt_token_ids(tokenizer, p, chat) for p in prompts]
+    eos = list(model.config.eos_token_ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    stop = [s for s in stop if s]
+
+    def decode(token_ids: list[int]) -> str:
+        return tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def should_stop(row: int, token_ids: list[int]) -> bool:
+        text = decode(token_ids)
+        return any(s in text for s in stop)
+
+    results = generate_ids(
+        model,
+        ids,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        eos_token_ids=eos,
+        pad_token_id=pad,
+        chunk_size=chunk_size,
+        should_stop=should_stop if stop else None,
+    )
+    outputs = []
+    for token_ids, reason in results:
+        text = decode(token_ids)
+        hits = [text.index(s) for s in stop if s in text]
+        if hits:
+            cut = min(hits)
+            text = text[:cut]
+            # keep the shortest token prefix whose text reaches the stop string
+            n = next(k for k in range(1, len(token_ids) + 1) if len(decode(token_ids[:k])) > cut)
+            token_ids, reason = token_ids[:n], "stop"
+        outputs.append(Generation(text=text, token_ids=token_ids, finish_reason=reason))
+    return outputs
