@@ -1,0 +1,127 @@
+"""KV-cache decoding against full recomputation, sampling controls, and argument checks."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from difflora_jax.config import ModelConfig
+from difflora_jax.errors import ConfigError
+from difflora_jax.generation import generate_ids
+from difflora_jax.modeling.llama import LlamaForCausalLM
+
+CONFIG = ModelConfig(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    rope_theta=10000.0,
+    max_position_embeddings=256,
+)
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return LlamaForCausalLM(CONFIG, rngs=nnx.Rngs(3))
+
+
+def _left_pad(prompts, length):
+    ids = np.zeros((len(prompts), length), np.int32)
+    mask = np.zeros((len(prompts), length), np.int32)
+    for row, p in enumerate(prompts):
+        ids[row, length - len(p) :] = p
+        mask[row, length - len(p) :] = 1
+    return ids, mask
+
+
+def test_cached_decoding_equals_full_recomputation_every_step(model):
+    """Prefill a left-padded batch, then feed tokens one by one through the cache; at every
+    step the last-position logits equal a full forward pass over each row's whole sequence."""
+    steps, width = 6, 8
+    ids, mask = _left_pad(PROMPTS, width)
+    positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    cache = model.init_cache(len(PROMPTS), width + steps)
+    forward = nnx.jit(
+        lambda m, ids, mask, pos, cache: m.forward(ids, mask, positions=pos, cache=cache)
+    )
+    logits, cache = forward(model, ids, mask, positions, cache)
+    sequences = [list(p) for p in PROMPTS]
+    next_pos = positions[:, -1] + 1
+    full = nnx.jit(lambda m, ids: m(ids))
+    for _ in range(steps):
+        last = np.asarray(logits[:, -1])
+        for row, seq in enumerate(sequences):
+            reference = np.asarray(full(model, jnp.asarray([seq]))[0, -1])
+            np.testing.assert_allclose(last[row], reference, atol=2e-5, rtol=0)
+        token = last.argmax(-1).astype(np.int32)
+        for row, seq in enumerate(sequences):
+            seq.append(int(token[row]))
+        logits, cache = forward(
+            model, token[:, None], np.ones((len(PROMPTS), 1), np.int32), next_pos[:, None], cache
+        )
+        next_pos = next_pos + 1
+
+
+def test_greedy_generate_matches_argmax_of_full_recomputation(model):
+    out = generate_ids(model, PROMPTS, max_new_tokens=10, chunk_size=4)
+    full = nnx.jit(lambda m, ids: m(ids))
+    for prompt, (tokens, reason) in zip(PROMPTS, out):
+        assert reason == "length" and len(tokens) == 10
+        seq = list(prompt)
+        for token in tokens:
+            assert token == int(np.asarray(full(model, jnp.asarray([seq]))[0, -1]).argmax())
+            seq.append(token)
+
+
+def test_eos_ends_a_row_and_is_kept(model):
+    (first, _), *_ = generate_ids(model, [PROMPTS[0]], max_new_tokens=8)
+    eos = first[2]
+    out = generate_ids(model, [PROMPTS[0]], max_new_tokens=8, eos_token_ids=[eos])
+    tokens, reason = out[0]
+    assert reason == "eos"
+    assert tokens == first[: first.index(eos) + 1]
+
+
+def test_sampling_is_seeded_and_top_p_tiny_is_greedy(model):
+    kwargs = dict(max_new_tokens=12, temperature=1.0)
+    a = generate_ids(model, PROMPTS, seed=7, **kwargs)
+    b = generate_ids(model, PROMPTS, seed=7, **kwargs)
+    c = generate_ids(model, PROMPTS, seed=8, **kwargs)
+    assert a == b
+    assert a != c
+    greedy = generate_ids(model, PROMPTS, max_new_tokens=12)
+    nucleus = generate_ids(model, PROMPTS, max_new_tokens=12, temperature=1.0, top_p=1e-6, seed=3)
+    assert nucleus == greedy
+
+
+def test_should_stop_ends_rows_early(model):
+    out = generate_ids(
+        model, PROMPTS, max_new_tokens=40, chunk_size=4, should_stop=lambda row, ids: len(ids) >= 4
+    )
+    for tokens, reason in out:
+        assert reason == "stop"
+        assert 4 <= len(tokens) < 40
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"max_new_tokens": 1000}, "max_position_embeddings"),
+    ],
+)
+def test_bad_generation_arguments(model, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        generate_ids(model, PROMPTS, **kwargs)
+
+
+def test_empty_prompt_is_refused(model):
+    with pytest.raises(ConfigError, match="at least one token"):
+        generate_ids(model, [[]], max_new_tokens=2)
