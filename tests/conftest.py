@@ -1,0 +1,134 @@
+"""Shared fixtures: tiny random Llama checkpoints written by transformers, and reference logits.
+
+PyTorch and transformers are test-only peers: the library never imports torch. Every tiny
+checkpoint is a real ``transformers.LlamaForCausalLM`` saved with ``save_pretrained`` (always
+safetensors in transformers 5), so the loaders see exactly what a user's directory holds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+TINY_CONFIG = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=64,
+    # Not transformers' default (1e-6) nor our fallback, so a dropped eps would show.
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+    "rope_theta": 10000.0,
+}
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
+    """Re-draw every weight with O(1) activations, and norms far from all-ones.
+
+    transformers' default init (normal(0, 0.02), norms = 1) gives near-uniform logits, where a
+    parity tolerance says little, and all-ones norms let a bug in the norm mapping hide.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 1:  # RMSNorm scales
+                noise = torch.randn(param.shape, generator=gen)
+                param.copy_(1.0 + 0.3 * noise)
+            elif "embed_tokens" in name:
+                # Also the tied LM head: std 0.25 keeps tied logits O(1) as untied ones.
+                param.copy_(0.25 * torch.randn(param.shape, generator=gen))
+            else:  # nn.Linear [out, in]: unit-variance outputs
+                param.copy_(torch.randn(param.shape, generator=gen) * param.shape[1] ** -0.5)
+
+
+def save_tiny_llama(
+    tmp_path, *, name="tiny", seed=0, max_shard_size=None, save_dtype=None, **config_overrides
+):
+    """Write a random tiny Llama with ``save_pretrained`` under ``tmp_path / name``.
+
+    ``config_overrides`` go to ``transformers.LlamaConfig`` (e.g. ``num_key_value_heads``,
+    ``tie_word_embeddings``, ``rope_parameters``). ``max_shard_size`` writes a sharded checkpoint
+    with an index file; ``save_dtype`` (a torch dtype) saves the weights in that dtype; the
+    returned model then holds those rounded weights, back in float32. Returns ``(directory, torch_model)``, the model float32 in eval
+    mode with eager attention (the plain reference implementation).
+    """
+    config = transformers.LlamaConfig(**{**TINY_CONFIG, **config_overrides})
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).to(torch.float32).eval()
+    randomize_(model, seed)
+    directory = tmp_path / name
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    if save_dtype is not None:
+        # Round the parameters in place rather than model.to(save_dtype), which would also
+        # round the RoPE inv_freq buffer of the float32 reference.
+        with torch.no_grad():
+            for param in model.parameters():
+                param.copy_(param.to(save_dtype).to(torch.float32))
+        state = {k: v.to(save_dtype) for k, v in model.state_dict().items()}
+        kwargs["state_dict"] = state
+    model.save_pretrained(directory, **kwargs)
+    return directory, model
+
+
+def torch_logits(model, input_ids, attention_mask=None, position_ids=None):
+    """Reference float32 logits; positions default to what difflora_jax uses by default
+    (the count of real tokens before each one, so left padding does not shift RoPE)."""
+    ids = np.asarray(input_ids)
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+    if position_ids is None:
+        position_ids = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.as_tensor(ids, dtype=torch.long),
+            attention_mask=torch.as_tensor(mask, dtype=torch.long),
+            position_ids=torch.as_tensor(np.asarray(position_ids), dtype=torch.long),
+        )
+    return out.logits.float().numpy()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """``tiny_llama(**overrides) -> (directory, torch_model)``, cached for the whole session.
+
+    Callers must not modify the directory; copy it first (``shutil.copytree``).
+    """
+    cache = {}
+
+    def get(**overrides):
+        key = repr(sorted(overrides.items()))
+        if key not in cache:
+            cache[key] = save_tiny_llama(tmp_path_factory.mktemp("tiny"), **overrides)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def forward():
+    """A jitted ``forward(model, input_ids, attention_mask) -> float32 logits`` (numpy)."""
+    jitted = nnx.jit(lambda m, ids, mask: m(ids, mask))
+
+    def run(model, input_ids, attention_mask=None):
+        ids = np.asarray(input_ids, dtype=np.int32)
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
+        return np.asarray(jitted(model, ids, mask))
+
+    return run
