@@ -7,6 +7,7 @@ ones; ``validate`` names the bad field and its allowed values.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -124,6 +125,137 @@ class ModelConfig:
         per_layer = attention + 3 * e * m + 2 * e
         head = 0 if self.tie_word_embeddings else v * e
         return v * e + self.num_layers * per_layer + e + head
+
+
+ADAPTER_METHODS = ("lora", "difflora")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+NEGATIVE_TERMS = ("adapters", "base_plus_adapters", "full")
+LAMBDA_MODES = ("learned", "fixed")
+ADAPTER_INITS = ("kaiming", "gaussian")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    """Which adapters a model gets: standard LoRA, or DiffLoRA in any of the paper's variants.
+
+    LoRA (``method: lora``) follows PEFT: ``targets`` among q, k, v, o, gate, up, down; scale
+    ``alpha / rank`` (``alpha / sqrt(rank)`` with ``use_rslora``); A kaiming-uniform (or
+    gaussian, std 1/rank), B zero.
+
+    DiffLoRA (``method: difflora``) makes every adapted layer's attention differential:
+    ``(softmax(Q1 K1^T) - lambda softmax(Q2 K2^T)) V``. ``positive_term`` adds adapters to
+    Q1, K1; ``negative_term`` is ``adapters`` (Q2 = s X A2 B2, B2 kaiming too),
+    ``base_plus_adapters`` (Q2 = X W_Q + s X A2 B2, the reference code's default) or ``full``
+    (a trainable dense W_Q2). ``lambda_mode: learned`` uses the exp reparameterisation around
+    ``lambda_init`` (None: 0.8 - 0.6 exp(-0.3 layer)); ``fixed`` keeps lambda = ``lambda_init``.
+    ``group_norm`` RMS-normalises each head and scales by (1 - lambda_init). ``lora_v`` and
+    ``lora_mlp`` add standard adapters to V and the MLP; ``lora_o`` is the reference code's
+    parallel output branch, which reads the layer input X (not the attention output).
+    ``identity_start`` is our function-preserving start: lambda = 0 exactly at step 0.
+    """
+
+    method: str = "difflora"
+    rank: int = 32
+    alpha: float = 64.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    init: str = "kaiming"
+    layers: tuple[int, ...] | None = None
+    targets: tuple[str, ...] = LORA_TARGETS
+    positive_term: bool = True
+    negative_term: str = "base_plus_adapters"
+    lambda_mode: str = "learned"
+    lambda_init: float | None = None
+    group_norm: bool = False
+    lora_v: bool = False
+    lora_o: bool = False
+    lora_mlp: bool = False
+    relu_on_differential: bool = False
+    identity_start: bool = False
+    seed: int = 0
+
+    @property
+    def scale(self) -> float:
+        """The adapter scale s: alpha / rank, or alpha / sqrt(rank) with rsLoRA."""
+        return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
+
+    def lambda_init_for(self, layer_index: int) -> float:
+        """lambda_init of one layer: the configured value, 0 for identity_start, or the schedule."""
+        if self.identity_start:
+            return 0.0
+        if self.lambda_init is not None and (self.lambda_mode == "fixed" or self.lambda_init != 0):
+            return float(self.lambda_init)
+        return 0.8 - 0.6 * math.exp(-0.3 * layer_index)
+
+    def validate(self) -> None:
+        _choice("method", self.method, ADAPTER_METHODS)
+        _choice("init", self.init, ADAPTER_INITS)
+        _choice("negative_term", self.negative_term, NEGATIVE_TERMS)
+        _choice("lambda_mode", self.lambda_mode, LAMBDA_MODES)
+        _require(
+            isinstance(self.rank, int) and self.rank > 0, "rank", self.rank, "a positive integer"
+        )
+        _require(self.alpha > 0, "alpha", self.alpha, "> 0")
+        _require(0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1)")
+        for target in self.targets:
+            _choice("targets", target, LORA_TARGETS)
+        if self.layers is not None:
+            _require(
+                len(self.layers) > 0 and all(i >= 0 for i in self.layers),
+                "layers",
+                self.layers,
+                "a non-empty list of layer indices >= 0 (or null for all layers)",
+            )
+        if self.lambda_mode == "fixed":
+            _require(
+                self.lambda_init is not None,
+                "lambda_init",
+                self.lambda_init,
+                "set to the constant lambda when lambda_mode is 'fixed' (the paper uses 0.1)",
+            )
+        if self.identity_start:
+            _require(
+                self.lambda_mode == "learned",
+                "lambda_mode",
+                self.lambda_mode,
+                "'learned' with identity_start (lambda starts at 0 and must be able to move)",
+            )
+            _require(
+                not self.group_norm,
+                "group_norm",
+                self.group_norm,
+                "false with identity_start (group norm changes the output at step 0)",
+            )
+            _require(
+                not self.relu_on_differential,
+                "relu_on_differential",
+                self.relu_on_differential,
+                "false with identity_start (ReLU changes the output at step 0)",
+            )
+            _require(
+                self.lambda_init in (None, 0.0),
+                "lambda_init",
+                self.lambda_init,
+                "null or 0 with identity_start (lambda starts at exactly 0)",
+            )
+
+    def check_model(self, config: ModelConfig) -> None:
+        """Errors for a method that does not fit the model (e.g. a layer index out of range)."""
+        if self.layers is not None:
+            bad = [i for i in self.layers if i >= config.num_layers]
+            _require(
+                not bad, "layers", self.layers, f"indices below num_layers ({config.num_layers})"
+            )
+
+    def adapted_layers(self, num_layers: int) -> tuple[int, ...]:
+        return tuple(range(num_layers)) if self.layers is None else tuple(sorted(set(self.layers)))
+
+
+def _choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(
+            f"config field {field!r} = {value!r} is invalid: allowed values {list(allowed)}"
+        )
 
 
 # Public shapes of common models, usable without weights (parameter counts, sharding, speed).

@@ -145,6 +145,8 @@ def generate_ids(
         mask[row, prompt_len - len(prompt) :] = 1
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
 
+    # adapter dropout off, whatever view of the model we were given
+    model = nnx.view(model, only=nnx.Dropout, deterministic=True, raise_if_not_found=False)
     graphdef, state = nnx.split(model)
     cache = model.init_cache(batch, prompt_len + steps_total)
     logits, cache = _prefill(graphdef, state, input_ids, mask, positions, cache)

@@ -8,6 +8,8 @@ attention path to optimise per backend.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -64,19 +66,30 @@ def attention(
         raise ValueError(f"query heads {heads} is not a multiple of kv heads {kv_heads}")
     scale = head_dim**-0.5 if scale is None else scale
     if backend == "xla":
-        groups = heads // kv_heads
-        q = query.reshape(batch, q_len, kv_heads, groups, head_dim)
-        logits = jnp.einsum(
-            "btkgd,bskd->bkgts", q, key, preferred_element_type=jnp.float32
-        ) * jnp.float32(scale)
-        logits = jnp.where(mask[:, :, None, :, :], logits, _MASK_VALUE)
-        probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+        probs = attention_probs(query, key, mask, scale=scale).astype(value.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, value, preferred_element_type=jnp.float32)
         return out.reshape(batch, q_len, heads, head_dim).astype(query.dtype)
     if backend == "jax":
         # jax.nn.dot_product_attention picks cuDNN flash attention on GPUs where it applies.
         return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale)
     raise ConfigError(f"attention backend {backend!r} is not supported; allowed: {list(BACKENDS)}")
+
+
+def attention_probs(
+    query: jax.Array, key: jax.Array, mask: jax.Array, *, scale: float | None = None
+) -> jax.Array:
+    """Explicit float32 attention maps ``[batch, kv_heads, groups, q_len, kv_len]``.
+
+    Query head ``j`` is ``(j // groups, j % groups)``: the heads sharing one key head are
+    adjacent, as in grouped-query attention.
+    """
+    batch, q_len, heads, head_dim = query.shape
+    kv_heads = key.shape[2]
+    scale = head_dim**-0.5 if scale is None else scale
+    q = query.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, key, preferred_element_type=jnp.float32)
+    logits = jnp.where(mask[:, :, None, :, :], logits * jnp.float32(scale), _MASK_VALUE)
+    return jax.nn.softmax(logits, axis=-1)
 
 
 @struct.dataclass
@@ -96,17 +109,20 @@ class KVCache:
     @classmethod
     def create(
         cls,
-        num_layers: int,
+        key_heads: Sequence[int],
+        value_heads: int,
         batch: int,
         max_length: int,
-        kv_heads: int,
         head_dim: int,
         dtype: jnp.dtype,
     ) -> KVCache:
-        shape = (batch, max_length, kv_heads, head_dim)
+        """A zeroed cache; ``key_heads[i]`` is layer i's cached key heads (2 x kv_heads for a
+        differential layer, which caches K1 and K2)."""
         return cls(
-            keys=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
-            values=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+            keys=tuple(jnp.zeros((batch, max_length, n, head_dim), dtype) for n in key_heads),
+            values=tuple(
+                jnp.zeros((batch, max_length, value_heads, head_dim), dtype) for _ in key_heads
+            ),
             key_valid=jnp.zeros((batch, max_length), bool),
             index=jnp.zeros((), jnp.int32),
         )

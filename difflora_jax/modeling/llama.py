@@ -52,8 +52,10 @@ class Projection(nnx.Module):
         self.out_shape = tuple(out_shape)
         kernel = _INIT(rngs.params(), self.in_shape + self.out_shape, dtype)
         self.kernel = nnx.Param(kernel, logical_axes=tuple(in_axes) + tuple(out_axes))
+        self.lora = nnx.data(None)  # a LowRank adapter (modeling/adapters.py) once attached
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def base(self, x: jax.Array) -> jax.Array:
+        """The frozen map ``x W`` alone."""
         n_in = len(self.in_shape)
         kernel = self.kernel[...]
         return jax.lax.dot_general(
@@ -61,6 +63,13 @@ class Projection(nnx.Module):
             kernel,
             ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
         )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x W``, plus ``s x A B`` when a LoRA adapter is attached."""
+        y = self.base(x)
+        if self.lora is not None:
+            y = y + self.lora(x).astype(y.dtype)
+        return y
 
 
 class RMSNorm(nnx.Module):
@@ -202,6 +211,7 @@ class LlamaForCausalLM(nnx.Module):
             ]
         )
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.adapter_config = None  # set by modeling.adapters.apply_adapters
         if not config.tie_word_embeddings:
             self.lm_head = Projection(
                 (config.hidden_size,),
@@ -293,7 +303,10 @@ class LlamaForCausalLM(nnx.Module):
         """An empty KV cache for ``batch`` sequences of up to ``max_length`` tokens."""
         c = self.config
         dtype = self.embed_tokens.embedding[...].dtype
-        return KVCache.create(c.num_layers, batch, max_length, c.num_kv_heads, c.head_dim, dtype)
+        key_heads = [
+            getattr(layer.attn, "cache_key_heads", c.num_kv_heads) for layer in self.layers
+        ]
+        return KVCache.create(key_heads, c.num_kv_heads, batch, max_length, c.head_dim, dtype)
 
 
 def default_positions(attention_mask: jax.Array) -> jax.Array:

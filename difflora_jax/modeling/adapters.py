@@ -1,0 +1,290 @@
+"""LoRA and DiffLoRA: the adapter Variable type, low-rank adapters, and differential attention.
+
+``AdapterParam`` is deliberately *not* a subclass of ``nnx.Param``: ``nnx.state(model,
+AdapterParam)`` is exactly the trainable set (adapters, lambda vectors, group-norm scales,
+full-matrix negative terms) and filters over ``nnx.Param`` never pick it up.
+
+Parameter names inside an adapted layer (paper vocabulary):
+
+    attn.q_proj.lora.{a,b}        positive-term adapter of Q1 (LoRA on q, same thing)
+    attn.k_proj.lora.{a,b}        positive-term adapter of K1
+    attn.negative_q.{a,b}         negative-term adapter of Q2 (or .kernel for the full matrix)
+    attn.negative_k.{a,b}         negative-term adapter of K2
+    attn.lambda_q1 ... lambda_k2  learned-lambda vectors [head_dim]
+    attn.group_norm               group-norm scale [head_dim]
+    attn.v_proj.lora, attn.output_branch, mlp.{gate,up,down}_proj.lora
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from difflora_jax.config import AdapterConfig, ModelConfig
+from difflora_jax.modeling.attention import attention, attention_probs, write_kv
+from difflora_jax.modeling.llama import Attention, LlamaForCausalLM, Projection
+from difflora_jax.modeling.rope import apply_rope
+
+
+class AdapterParam(nnx.Variable):
+    """A trainable parameter added by an adapter method; always float32."""
+
+
+def _uniform(key, shape, bound):
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+class LowRank(nnx.Module):
+    """``scale * dropout(x) A B`` with A ``[*in_shape, rank]`` and B ``[rank, *out_shape]``.
+
+    Dropout is off (deterministic) by default; the training step runs on
+    ``nnx.view(model, deterministic=False)``.
+
+    ``init``: A kaiming-uniform (bound 1/sqrt(fan_in), PEFT's default) or gaussian (std
+    1/rank, PEFT's ``gaussian``); B zero, or kaiming-uniform with ``b_init="kaiming"`` (bound
+    1/sqrt(rank), the reference code's adapters-only negative term).
+    """
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        out_shape: Sequence[int],
+        in_axes: Sequence[str],
+        out_axes: Sequence[str],
+        *,
+        rank: int,
+        scale: float,
+        dropout: float,
+        init: str,
+        rngs: nnx.Rngs,
+        b_init: str = "zeros",
+    ):
+        self.in_shape, self.out_shape, self.scale = tuple(in_shape), tuple(out_shape), scale
+        fan_in = math.prod(self.in_shape)
+        if init == "gaussian":
+            a = jax.random.normal(rngs.params(), self.in_shape + (rank,), jnp.float32) / rank
+        else:
+            a = _uniform(rngs.params(), self.in_shape + (rank,), 1 / math.sqrt(fan_in))
+        if b_init == "kaiming":
+            b = _uniform(rngs.params(), (rank,) + self.out_shape, 1 / math.sqrt(rank))
+        else:
+            b = jnp.zeros((rank,) + self.out_shape, jnp.float32)
+        self.a = AdapterParam(a, logical_axes=tuple(in_axes) + ("rank",))
+        self.b = AdapterParam(b, logical_axes=("rank",) + tuple(out_axes))
+        self.dropout = nnx.data(nnx.Dropout(dropout, deterministic=True, rngs=rngs) if dropout > 0 else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.dropout is not None:
+            x = self.dropout(x)
+        a, b = self.a[...], self.b[...]
+        n_in = len(self.in_shape)
+        dims = tuple(range(x.ndim - n_in, x.ndim))
+        h = jax.lax.dot_general(x.astype(a.dtype), a, ((dims, tuple(range(n_in))), ((), ())))
+        return jnp.tensordot(h, b, axes=1) * self.scale
+
+
+class FullRank(nnx.Module):
+    """A trainable dense map ``dropout(x) W`` (the full-matrix negative term), kaiming-uniform."""
+
+    def __init__(self, in_dim: int, out_shape, out_axes, *, dropout: float, rngs: nnx.Rngs):
+        kernel = _uniform(rngs.params(), (in_dim, *out_shape), 1 / math.sqrt(in_dim))
+        self.kernel = AdapterParam(kernel, logical_axes=("embed", *out_axes))
+        self.dropout = nnx.data(nnx.Dropout(dropout, deterministic=True, rngs=rngs) if dropout > 0 else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.dropout is not None:
+            x = self.dropout(x)
+        kernel = self.kernel[...]
+        return jnp.tensordot(x.astype(kernel.dtype), kernel, axes=1)
+
+
+def add_lora(projection: Projection, adapter: AdapterConfig, rngs: nnx.Rngs) -> None:
+    """Attach a standard LoRA adapter (zero B) to a base projection."""
+    axes = projection.kernel.logical_axes
+    n_in = len(projection.in_shape)
+    projection.lora = LowRank(
+        projection.in_shape,
+        projection.out_shape,
+        axes[:n_in],
+        axes[n_in:],
+        rank=adapter.rank,
+        scale=adapter.scale,
+        dropout=adapter.dropout,
+        init=adapter.init,
+        rngs=rngs,
+    )
+
+
+class DifferentialAttention(nnx.Module):
+    """DiffLoRA attention on top of a pretrained layer's frozen projections.
+
+    ``(softmax(Q1 K1^T / sqrt(h)) - lambda softmax(Q2 K2^T / sqrt(h))) V`` per head, computed as
+    one attention call over 2H stacked heads sharing V (the combine is linear), or, with
+    ``relu_on_differential``, from the explicit maps.
+    """
+
+    def __init__(
+        self, base: Attention, config: ModelConfig, adapter: AdapterConfig, rngs: nnx.Rngs
+    ):
+        e, h, kv, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        self.layer_index = base.layer_index
+        self.num_heads = h
+        self.num_kv_heads = kv
+        self.attention_backend = base.attention_backend
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            base.q_proj,
+            base.k_proj,
+            base.v_proj,
+            base.o_proj,
+        )
+        if adapter.positive_term:
+            add_lora(self.q_proj, adapter, rngs)
+            add_lora(self.k_proj, adapter, rngs)
+        if adapter.lora_v:
+            add_lora(self.v_proj, adapter, rngs)
+        self.negative_term = adapter.negative_term
+        if adapter.negative_term == "full":
+            self.negative_q = FullRank(
+                e, (h, d), ("heads", "head_dim"), dropout=adapter.dropout, rngs=rngs
+            )
+            self.negative_k = FullRank(
+                e, (kv, d), ("kv_heads", "head_dim"), dropout=adapter.dropout, rngs=rngs
+            )
+        else:
+            b_init = "kaiming" if adapter.negative_term == "adapters" else "zeros"
+            common = dict(
+                rank=adapter.rank,
+                scale=adapter.scale,
+                dropout=adapter.dropout,
+                init=adapter.init,
+                rngs=rngs,
+                b_init=b_init,
+            )
+            self.negative_q = LowRank((e,), (h, d), ("embed",), ("heads", "head_dim"), **common)
+            self.negative_k = LowRank((e,), (kv, d), ("embed",), ("kv_heads", "head_dim"), **common)
+        self.output_branch = nnx.data(
+            LowRank(
+                (e,),
+                (e,),
+                ("embed",),
+                ("embed",),
+                rank=adapter.rank,
+                scale=adapter.scale,
+                dropout=adapter.dropout,
+                init=adapter.init,
+                rngs=rngs,
+            )
+            if adapter.lora_o
+            else None
+        )
+        self.lambda_init = adapter.lambda_init_for(self.layer_index)
+        self.learned_lambda = adapter.lambda_mode == "learned"
+        if self.learned_lambda:
+            vectors = [0.1 * jax.random.normal(rngs.params(), (d,), jnp.float32) for _ in range(4)]
+            if adapter.identity_start:
+                # mirrored vectors: exp(q1.k1) - exp(q2.k2) = 0 exactly, so lambda = 0 at step 0
+                vectors[2], vectors[3] = vectors[0], vectors[1]
+            self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2 = (
+                AdapterParam(v, logical_axes=("head_dim",)) for v in vectors
+            )
+        self.group_norm = nnx.data(
+            AdapterParam(jnp.ones((d,), jnp.float32), logical_axes=("head_dim",))
+            if adapter.group_norm
+            else None
+        )
+        self.relu_on_differential = adapter.relu_on_differential
+
+    @property
+    def cache_key_heads(self) -> int:
+        """Keys cached per token: K1 and K2 stacked, 2 x kv_heads."""
+        return 2 * self.num_kv_heads
+
+    def lambda_value(self) -> jax.Array:
+        """lambda (float32 scalar): exp(q1.k1) - exp(q2.k2) + lambda_init, or the fixed value."""
+        if not self.learned_lambda:
+            return jnp.float32(self.lambda_init)
+        positive = jnp.exp(jnp.sum(self.lambda_q1[...] * self.lambda_k1[...]))
+        negative = jnp.exp(jnp.sum(self.lambda_q2[...] * self.lambda_k2[...]))
+        return positive - negative + jnp.float32(self.lambda_init)
+
+    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
+        h = self.num_heads
+        query = self.q_proj.base(x)  # X W_Q: [batch, length, heads, head_dim]
+        key = self.k_proj.base(x)  # X W_K: [batch, length, kv_heads, head_dim]
+        q1 = query if self.q_proj.lora is None else query + self.q_proj.lora(x).astype(query.dtype)
+        k1 = key if self.k_proj.lora is None else key + self.k_proj.lora(x).astype(key.dtype)
+        q2 = self.negative_q(x).astype(query.dtype)
+        k2 = self.negative_k(x).astype(key.dtype)
+        if self.negative_term == "base_plus_adapters":
+            q2, k2 = query + q2, key + k2
+        value = self.v_proj(x)
+        queries = apply_rope(jnp.concatenate([q1, q2], axis=2), cos, sin)  # [b, t, 2 heads, d]
+        keys = apply_rope(jnp.concatenate([k1, k2], axis=2), cos, sin)  # [b, t, 2 kv_heads, d]
+        if kv_cache is not None:
+            keys = write_kv(kv_cache[0], keys, cache_index)
+            value = write_kv(kv_cache[1], value, cache_index)
+            kv_cache = (keys, value)
+        lam = self.lambda_value()
+        if self.relu_on_differential:
+            kv = self.num_kv_heads
+            probs = attention_probs(queries, keys, mask)  # [b, 2 kv_heads, groups, t, s]
+            diff = jax.nn.relu(probs[:, :kv] - lam * probs[:, kv:])
+            out = jnp.einsum("bkgts,bskd->btkgd", diff, value.astype(jnp.float32))
+            out = out.reshape(*out.shape[:2], h, -1)
+        else:
+            values = jnp.concatenate([value, value], axis=2)  # V shared by both maps
+            both = attention(queries, keys, values, mask, backend=self.attention_backend)
+            out = both[:, :, :h].astype(jnp.float32) - lam * both[:, :, h:].astype(jnp.float32)
+        if self.group_norm is not None:
+            out = out * jax.lax.rsqrt(jnp.mean(out * out, axis=-1, keepdims=True) + 1e-5)
+            out = out * self.group_norm[...] * (1.0 - self.lambda_init)
+        y = self.o_proj(out.astype(query.dtype))
+        if self.output_branch is not None:
+            y = y + self.output_branch(x).astype(y.dtype)
+        return y, kv_cache
+
+
+def apply_adapters(model: LlamaForCausalLM, adapter: AdapterConfig) -> LlamaForCausalLM:
+    """Add the adapters of ``adapter`` to ``model`` in place (and return it).
+
+    The base weights stay ``nnx.Param`` and untouched; everything added is ``AdapterParam``.
+    """
+    adapter.validate()
+    adapter.check_model(model.config)
+    if getattr(model, "adapter_config", None) is not None:
+        raise ValueError("this model already carries adapters")
+    rngs = nnx.Rngs(params=adapter.seed, dropout=adapter.seed + 1)
+    for i in adapter.adapted_layers(model.config.num_layers):
+        layer = model.layers[i]
+        if adapter.method == "lora":
+            projections = {
+                "q": layer.attn.q_proj,
+                "k": layer.attn.k_proj,
+                "v": layer.attn.v_proj,
+                "o": layer.attn.o_proj,
+                "gate": layer.mlp.gate_proj,
+                "up": layer.mlp.up_proj,
+                "down": layer.mlp.down_proj,
+            }
+            for target in adapter.targets:
+                add_lora(projections[target], adapter, rngs)
+        else:
+            layer.attn = DifferentialAttention(layer.attn, model.config, adapter, rngs)
+            if adapter.lora_mlp:
+                for projection in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                    add_lora(projection, adapter, rngs)
+    model.adapter_config = adapter
+    return model
+
+
+def adapter_state(model: nnx.Module) -> nnx.State:
+    """The trainable set: every ``AdapterParam`` of the model."""
+    return nnx.state(model, AdapterParam)
+
+
+def count_adapter_params(model: nnx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(adapter_state(model)))
