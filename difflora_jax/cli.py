@@ -70,6 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="print a model's configuration and parameter count")
     _add_model_args(info)
+
+    params = commands.add_parser(
+        "params", help="count trainable adapter parameters (abstract shapes, no weights needed)"
+    )
+    params.add_argument(
+        "--model",
+        required=True,
+        help="a shape alias (llama-3.2-1b, smollm2-135m, ...) or a checkpoint (only its config is read)",
+    )
+    params.add_argument(
+        "--method",
+        action="append",
+        help="a methods YAML or a name in configs/methods (repeatable; default: the paper's variants)",
+    )
+    params.add_argument("--per-layer", action="store_true", help="print every layer's count")
+    params.add_argument("--json", action="store_true")
     return parser
 
 
@@ -108,10 +124,41 @@ def _info(args: argparse.Namespace) -> None:
     print(json.dumps(record, indent=2))
 
 
+def _params(args: argparse.Namespace) -> None:
+    from difflora_jax.methods import PAPER_VARIANTS, load_method, model_config_for
+    from difflora_jax.modeling.adapters import trainable_params_per_layer
+
+    config = model_config_for(args.model)
+    names = args.method or list(PAPER_VARIANTS)
+    rows = []
+    for name in names:
+        counts = trainable_params_per_layer(config, load_method(name))
+        rows.append({"method": name, "per_layer": counts, "total": sum(counts.values())})
+    if args.json:
+        for row in rows:
+            row["per_layer"] = [row["per_layer"][i] for i in sorted(row["per_layer"])]
+        print(json.dumps({"model": args.model, "base_params": config.num_params, "methods": rows}))
+        return
+    print(
+        f"Trainable parameters on {args.model} ({config.num_layers} layers, "
+        f"{config.num_params:,} base parameters)"
+    )
+    width = max(len(r["method"]) for r in rows) + 2
+    print(f"{'method':<{width}}{'per layer':>14}{'total':>14}{'% of base':>11}")
+    for row in rows:
+        values = set(row["per_layer"].values())
+        per_layer = f"{values.pop():,}" if len(values) == 1 else "varies"
+        share = 100 * row["total"] / config.num_params
+        print(f"{row['method']:<{width}}{per_layer:>14}{row['total']:>14,}{share:>10.3f}%")
+        if args.per_layer:
+            for i, n in sorted(row["per_layer"].items()):
+                print(f"{'':<{width}}  layer {i:>3}: {n:,}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"generate": _generate, "info": _info}[args.command](args)
+        {"generate": _generate, "info": _info, "params": _params}[args.command](args)
     except DiffLoRAError as e:
         print(f"difflora: error: {e}", file=sys.stderr)
         return 1

@@ -75,7 +75,9 @@ class LowRank(nnx.Module):
             b = jnp.zeros((rank,) + self.out_shape, jnp.float32)
         self.a = AdapterParam(a, logical_axes=tuple(in_axes) + ("rank",))
         self.b = AdapterParam(b, logical_axes=("rank",) + tuple(out_axes))
-        self.dropout = nnx.data(nnx.Dropout(dropout, deterministic=True, rngs=rngs) if dropout > 0 else None)
+        self.dropout = nnx.data(
+            nnx.Dropout(dropout, deterministic=True, rngs=rngs) if dropout > 0 else None
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.dropout is not None:
@@ -93,7 +95,9 @@ class FullRank(nnx.Module):
     def __init__(self, in_dim: int, out_shape, out_axes, *, dropout: float, rngs: nnx.Rngs):
         kernel = _uniform(rngs.params(), (in_dim, *out_shape), 1 / math.sqrt(in_dim))
         self.kernel = AdapterParam(kernel, logical_axes=("embed", *out_axes))
-        self.dropout = nnx.data(nnx.Dropout(dropout, deterministic=True, rngs=rngs) if dropout > 0 else None)
+        self.dropout = nnx.data(
+            nnx.Dropout(dropout, deterministic=True, rngs=rngs) if dropout > 0 else None
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.dropout is not None:
@@ -288,3 +292,16 @@ def adapter_state(model: nnx.Module) -> nnx.State:
 
 def count_adapter_params(model: nnx.Module) -> int:
     return sum(x.size for x in jax.tree.leaves(adapter_state(model)))
+
+
+def trainable_params_per_layer(config: ModelConfig, adapter: AdapterConfig) -> dict[int, int]:
+    """Adapter parameters per layer index, computed from abstract shapes (no weights needed)."""
+    model = nnx.eval_shape(
+        lambda: apply_adapters(LlamaForCausalLM(config, rngs=nnx.Rngs(0)), adapter)
+    )
+    counts = dict.fromkeys(range(config.num_layers), 0)
+    for path, variable in nnx.to_flat_state(adapter_state(model)):
+        if path[0] != "layers":
+            raise AssertionError(f"adapter parameter outside the layers: {path}")
+        counts[int(path[1])] += math.prod(variable.get_value().shape)
+    return counts

@@ -73,6 +73,18 @@ def resolve_source(source: str | os.PathLike) -> Path:
     )
 
 
+def read_model_config(source: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of a checkpoint, from its metadata alone (no tensors are read)."""
+    path = resolve_source(source)
+    if path.suffix == ".gguf":
+        from difflora_jax.weights.gguf_io import model_config_from_gguf, open_gguf
+
+        return model_config_from_gguf(open_gguf(path), path)
+    from difflora_jax.weights.safetensors_io import read_hf_config
+
+    return read_hf_config(path)
+
+
 def build_model(
     config: ModelConfig,
     tensors: Mapping[str, np.ndarray],
@@ -145,6 +157,7 @@ def load_model(
     *,
     attention_backend: str = "xla",
     with_tokenizer: bool = True,
+    adapter=None,
 ):
     """Load ``(model, tokenizer)`` from a HF directory, a ``.gguf`` file or an alias.
 
@@ -152,6 +165,10 @@ def load_model(
     pickle is ever read and no remote code runs. GGUF files are dequantized to float32 first.
     The tokenizer (with chat template) comes from the checkpoint; it is None for a directory
     without tokenizer files.
+
+    ``adapter``: an ``AdapterConfig``, a methods YAML path or name (``difflora-32``): fresh
+    adapters are added; or an adapter checkpoint directory: its adapters are restored after
+    checking that they belong to this base model.
     """
     _dtype(dtype)
     path = resolve_source(source)
@@ -177,5 +194,22 @@ def load_model(
     model = build_model(
         config, tensors, dtype=dtype, attention_backend=attention_backend, source=str(path)
     )
+    if adapter is not None:
+        model = _attach_adapter(model, adapter)
     jax.block_until_ready(nnx.state(model))
     return model, tokenizer
+
+
+def _attach_adapter(model: LlamaForCausalLM, adapter) -> LlamaForCausalLM:
+    from difflora_jax.config import AdapterConfig
+    from difflora_jax.methods import load_method
+    from difflora_jax.modeling.adapters import apply_adapters
+
+    if isinstance(adapter, AdapterConfig):
+        return apply_adapters(model, adapter)
+    path = Path(adapter)
+    if path.is_dir():
+        from difflora_jax.training.checkpoint import load_adapter
+
+        return load_adapter(model, path)
+    return apply_adapters(model, load_method(adapter))
