@@ -12,8 +12,14 @@ from difflora_jax.cli import main
     [
         (["generate", "--prompt", "hi"], "--model"),
         (["generate", "--model", "m"], "--prompt"),
-        (["generate", "--model", "m", "--prompt", "hi", "--max-new-tokens", "0"], "positive integer"),
-        (["generate", "--model", "m", "--prompt", "hi", "--max-new-tokens", "x"], "positive integer"),
+        (
+            ["generate", "--model", "m", "--prompt", "hi", "--max-new-tokens", "0"],
+            "positive integer",
+        ),
+        (
+            ["generate", "--model", "m", "--prompt", "hi", "--max-new-tokens", "x"],
+            "positive integer",
+        ),
         (["generate", "--model", "m", "--prompt", "hi", "--temperature", "-1"], ">= 0"),
         (["generate", "--model", "m", "--prompt", "hi", "--top-p", "0"], "(0, 1]"),
         (["generate", "--model", "m", "--prompt", "hi", "--dtype", "float16"], "invalid choice"),

@@ -111,8 +111,8 @@ def model_config_from_gguf(reader, path: Path) -> ModelConfig:
             num_heads=num_heads,
             num_kv_heads=int(get("attention.head_count_kv", num_heads, required=False)),
             head_dim=head_dim,
-            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-            rope_theta=float(get("rope.freq_base", 10000.0, required=False)),
+            rms_norm_eps=_float32_value(get("attention.layer_norm_rms_epsilon")),
+            rope_theta=_float32_value(get("rope.freq_base", 10000.0, required=False)),
             rope_scaling=rope_scaling,
             rope_freq_factors=freq_factors,
             max_position_embeddings=int(get("context_length", 4096, required=False)),
@@ -127,6 +127,11 @@ def model_config_from_gguf(reader, path: Path) -> ModelConfig:
     return config
 
 
+def _float32_value(value) -> float:
+    """A float32 metadata value as the decimal it was written from (1e-05, not 9.9999997e-06)."""
+    return float(str(np.float32(value)))
+
+
 def _dequantize(tensor, path: Path) -> np.ndarray:
     from gguf import dequantize
 
@@ -134,7 +139,8 @@ def _dequantize(tensor, path: Path) -> np.ndarray:
         return np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
     except Exception as e:
         raise CheckpointError(
-            f"{path}: cannot dequantize tensor {tensor.name!r} ({tensor.tensor_type.name}): {e}"
+            f"{path}: cannot dequantize tensor {tensor.name!r} ({tensor.tensor_type.name}): {e} "
+            "(is the file truncated or corrupt?)"
         ) from e
 
 

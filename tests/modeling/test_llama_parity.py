@@ -103,12 +103,12 @@ def test_logits_match_transformers(loaded, forward, kv, tie, rope, padding):
 def test_padding_does_not_change_real_token_logits(loaded, forward):
     """Each padded row equals that sequence run alone, left or right padded."""
     _, model = loaded("gqa", False, "llama3")
-    ids, _ = _batch("none")
     for padding in ("right", "left"):
         padded_ids, mask = _batch(padding)
         padded = forward(model, padded_ids, mask)
         for row, n in enumerate(LENGTHS):
             real = mask[row].astype(bool)
+            assert real.sum() == n
             alone = forward(model, padded_ids[row : row + 1, real])[0]
             np.testing.assert_allclose(padded[row, real], alone, atol=ATOL, rtol=0)
 

@@ -63,7 +63,7 @@ def test_unknown_alias():
 def test_file_that_is_neither_directory_nor_gguf(tmp_path):
     path = tmp_path / "weights.txt"
     path.write_text("hello")
-    with pytest.raises(CheckpointError, match="neither a model directory nor a .gguf file"):
+    with pytest.raises(CheckpointError, match=r"neither a model directory nor a \.gguf file"):
         difflora_jax.load_model(path)
 
 
@@ -170,7 +170,7 @@ def test_missing_tensor(checkpoint):
 
 def test_missing_lm_head_of_untied_model(checkpoint):
     _edit_tensors(checkpoint, lambda t: t.pop("lm_head.weight"))
-    with pytest.raises(CheckpointError, match="'lm_head.weight'"):
+    with pytest.raises(CheckpointError, match=r"'lm_head\.weight'"):
         difflora_jax.load_model(checkpoint)
 
 
