@@ -17,3 +17,7 @@ class CheckpointError(DiffLoRAError, ValueError):
 
 class AssetNotFoundError(DiffLoRAError, FileNotFoundError):
     """A named model or file is not on this machine; the message says how to fetch it."""
+
+
+class DataError(DiffLoRAError, ValueError):
+    """A training example, data file or dataset is malformed; the message says where and what."""
