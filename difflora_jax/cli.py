@@ -86,6 +86,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     params.add_argument("--per-layer", action="store_true", help="print every layer's count")
     params.add_argument("--json", action="store_true")
+
+    tr = commands.add_parser(
+        "train", help="train adapters on a base model (a TrainConfig YAML plus overrides)"
+    )
+    tr.add_argument("--config", required=True, help="a TrainConfig YAML file")
+    tr.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in output_dir from its latest checkpoint (or start it there)",
+    )
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="override config fields, dotted for nested ones: max_steps=100 data.max_length=256",
+    )
     return parser
 
 
@@ -155,10 +172,23 @@ def _params(args: argparse.Namespace) -> None:
                 print(f"{'':<{width}}  layer {i:>3}: {n:,}")
 
 
+def _train(args: argparse.Namespace) -> None:
+    from difflora_jax.config import load_train_config
+    from difflora_jax.training import train
+
+    config = load_train_config(args.config, args.overrides)
+    result = train(config, resume=args.resume, progress=not args.no_progress)
+    last = result.metrics[-1] if result.metrics else {}
+    print(
+        json.dumps({"run_dir": str(result.run_dir), "step": result.step, "loss": last.get("loss")})
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    run = {"generate": _generate, "info": _info, "params": _params, "train": _train}
     try:
-        {"generate": _generate, "info": _info, "params": _params}[args.command](args)
+        run[args.command](args)
     except DiffLoRAError as e:
         print(f"difflora: error: {e}", file=sys.stderr)
         return 1

@@ -58,7 +58,7 @@ def test_params_command_prints_the_paper_counts(capsys):
                 "--model",
                 "llama-3.2-1b",
                 "--json",
-                *sum((["--method", m] for m in PAPER_COUNTS), []),
+                *[arg for m in PAPER_COUNTS for arg in ("--method", m)],
             ]
         )
         == 0

@@ -1,0 +1,216 @@
+"""The jitted train step over adapter parameters only.
+
+The model is split once into (graphdef, trainable adapters, dropout RNG state, frozen rest); the
+step differentiates with respect to the adapters alone (the frozen rest is an input, never an
+output, so base weights cannot change), accumulates gradients over micro-batches weighted by
+their token counts (equal to one big batch), clips, and applies AdamW.
+
+Loss: ``sum(loss_mask * cross_entropy(logits, targets)) / sum(loss_mask)`` in float32 over the
+whole accumulated batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from difflora_jax.config import OptimizerConfig
+from difflora_jax.modeling.adapters import AdapterParam
+from difflora_jax.training.optimizer import make_optimizer
+
+BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
+
+
+def split_for_training(model: nnx.Module) -> tuple[nnx.GraphDef, dict, dict, dict]:
+    """``(graphdef, params, rng, rest)``: the model in training mode (adapter dropout on), its
+    trainable ``AdapterParam`` arrays, its dropout RNG state and everything else (frozen), the
+    last three as pure nested dicts."""
+    view = nnx.view(model, only=nnx.Dropout, deterministic=False, raise_if_not_found=False)
+    graphdef, params, rng, rest = nnx.split(view, AdapterParam, nnx.RngState, ...)
+    params = nnx.to_pure_dict(params)
+    if not jax.tree.leaves(params):
+        raise ValueError("the model has no adapter parameters: call apply_adapters first")
+    return graphdef, params, nnx.to_pure_dict(rng), nnx.to_pure_dict(rest)
+
+
+def write_back(model: nnx.Module, params: dict, rng: dict | None = None) -> None:
+    """Put trained adapter arrays (and the advanced dropout RNG state) into ``model``."""
+    state = nnx.state(model, AdapterParam)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
+    if rng is not None and jax.tree.leaves(rng):
+        rng_state = nnx.state(model, nnx.RngState)
+        nnx.replace_by_pure_dict(rng_state, rng)
+        nnx.update(model, rng_state)
+
+
+def lambda_layers(model: nnx.Module) -> tuple[int, ...]:
+    """Indices of the layers whose attention is differential (has a lambda)."""
+    return tuple(i for i, layer in enumerate(model.layers) if hasattr(layer.attn, "lambda_value"))
+
+
+def lambda_values(model: nnx.Module) -> jax.Array:
+    """lambda of every differential layer, float32 ``[len(lambda_layers(model))]``."""
+    values = [
+        layer.attn.lambda_value() for layer in model.layers if hasattr(layer.attn, "lambda_value")
+    ]
+    return jnp.stack(values) if values else jnp.zeros((0,), jnp.float32)
+
+
+def token_loss_sum(
+    logits: jax.Array, targets: jax.Array, loss_mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """``(sum(loss_mask * cross_entropy), sum(loss_mask))``, float32 scalars."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    mask = loss_mask.astype(jnp.float32)
+    return jnp.sum(ce * mask), jnp.sum(mask)
+
+
+def forward(model: nnx.Module, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """Logits ``[batch, length, vocab]`` of a packed batch (segments attend within themselves)."""
+    segment_ids = batch["segment_ids"]
+    return model(
+        batch["input_ids"],
+        segment_ids > 0,
+        positions=batch["positions"],
+        segment_ids=segment_ids,
+    )
+
+
+def batch_loss(model: nnx.Module, batch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
+    """``(mean loss over loss tokens, loss tokens)`` of ``model`` as it is (no dropout unless the
+    caller passes a training view); the reference the train step is tested against."""
+    batch = {k: jnp.asarray(batch[k]) for k in BATCH_KEYS}
+    loss_sum, tokens = token_loss_sum(forward(model, batch), batch["targets"], batch["loss_mask"])
+    return loss_sum / jnp.maximum(tokens, 1.0), tokens
+
+
+def _micro_loss_sum(params, rng, rest, batch, graphdef):
+    model = nnx.merge(graphdef, params, rng, rest)
+    loss_sum, _ = token_loss_sum(forward(model, batch), batch["targets"], batch["loss_mask"])
+    return loss_sum, nnx.to_pure_dict(nnx.state(model, nnx.RngState))
+
+
+def compute_gradients(
+    graphdef: nnx.GraphDef,
+    params: dict,
+    rng: dict,
+    rest: dict,
+    batch: Mapping[str, jax.Array],
+    grad_accum_steps: int = 1,
+) -> tuple[dict, jax.Array, jax.Array, dict]:
+    """``(grads, loss, tokens, rng)`` of the token-mean loss over the whole batch.
+
+    The batch ``[batch, length]`` is cut into ``grad_accum_steps`` micro-batches run one after the
+    other (``lax.scan``); their gradients of the loss *sums* are added and divided once by the
+    total number of loss tokens, so the result equals that of one big batch.
+    """
+    batch = {k: jnp.asarray(batch[k]) for k in BATCH_KEYS}
+    grad_fn = jax.value_and_grad(_micro_loss_sum, has_aux=True)
+    tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
+    if grad_accum_steps == 1:
+        (loss_sum, rng), grad_sum = grad_fn(params, rng, rest, batch, graphdef)
+    else:
+        size, length = batch["input_ids"].shape
+        if size % grad_accum_steps:
+            raise ValueError(
+                f"batch of {size} rows does not split into {grad_accum_steps} micro-batches"
+            )
+        micro = {
+            k: v.reshape(grad_accum_steps, size // grad_accum_steps, length)
+            for k, v in batch.items()
+        }
+
+        def accumulate(carry, micro_batch):
+            grad_sum, loss_sum, rng = carry
+            (loss, rng), grads = grad_fn(params, rng, rest, micro_batch, graphdef)
+            grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+            return (grad_sum, loss_sum + loss, rng), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grad_sum, loss_sum, rng), _ = jax.lax.scan(
+            accumulate, (zeros, jnp.float32(0.0), rng), micro
+        )
+    denominator = jnp.maximum(tokens, 1.0)
+    grads = jax.tree.map(lambda g: g / denominator, grad_sum)
+    return grads, loss_sum / denominator, tokens, rng
+
+
+def _select(ok: jax.Array, new: Any, old: Any) -> Any:
+    def pick(n, o):
+        if jax.dtypes.issubdtype(n.dtype, jax.dtypes.prng_key):
+            return n  # keys never change; only the counts advance
+        return jnp.where(ok, n, o)
+
+    return jax.tree.map(pick, new, old)
+
+
+def _train_step(graphdef, optimizer, grad_accum_steps, params, opt_state, rng, rest, batch):
+    tx = make_optimizer(optimizer)
+    grads, loss, tokens, new_rng = compute_gradients(
+        graphdef, params, rng, rest, batch, grad_accum_steps
+    )
+    grad_norm = optax.tree.norm(grads)
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    # A non-finite loss or gradient leaves the state as it was (the loop then stops the run).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_params = _select(finite, new_params, params)
+    new_opt_state = _select(finite, new_opt_state, opt_state)
+    new_rng = _select(finite, new_rng, rng)
+    model = nnx.merge(graphdef, new_params, new_rng, rest)
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "tokens": tokens.astype(jnp.int32),
+        "input_tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.int32),
+        "finite": finite,
+        "lambda": lambda_values(model),
+    }
+    return new_params, new_opt_state, new_rng, metrics
+
+
+_STATIC = ("graphdef", "optimizer", "grad_accum_steps")
+_jitted = jax.jit(_train_step, static_argnames=_STATIC)
+_jitted_donating = jax.jit(
+    _train_step, static_argnames=_STATIC, donate_argnames=("params", "opt_state", "rng")
+)
+
+
+def train_step(
+    graphdef: nnx.GraphDef,
+    params: dict,
+    opt_state: Any,
+    rng: dict,
+    rest: dict,
+    batch: Mapping[str, Any],
+    *,
+    optimizer: OptimizerConfig,
+    grad_accum_steps: int = 1,
+) -> tuple[dict, Any, dict, dict[str, jax.Array]]:
+    """One optimizer update: ``(params, opt_state, rng, metrics)``.
+
+    ``metrics``: ``loss`` (float32, before the update), ``grad_norm`` (before clipping),
+    ``tokens`` (loss tokens), ``input_tokens`` (non-padding tokens), ``finite`` (False: the loss
+    or gradient was NaN/inf and the update was skipped) and ``lambda`` (float32, the updated
+    lambda of each layer in ``lambda_layers``). Jitted; compiled once per model structure,
+    optimizer config, accumulation and batch shape. Inputs are donated off CPU.
+    """
+    batch = {k: np.asarray(batch[k], np.int32) for k in BATCH_KEYS}
+    fn = _jitted if jax.default_backend() == "cpu" else _jitted_donating
+    return fn(
+        params=params,
+        opt_state=opt_state,
+        rng=rng,
+        rest=rest,
+        batch=batch,
+        graphdef=graphdef,
+        optimizer=optimizer,
+        grad_accum_steps=grad_accum_steps,
+    )

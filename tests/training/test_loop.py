@@ -1,0 +1,234 @@
+"""The training loop end to end on a tiny Llama read from a HF directory with a byte-level
+ChatML tokenizer and the synthetic instruction mix: metrics (JSONL and TensorBoard), exact
+resume, NaN stop with the last good checkpoint kept, run-directory protection."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from difflora_jax.config import DataConfig, TrainConfig, to_dict
+from difflora_jax.errors import AssetNotFoundError, ConfigError
+from difflora_jax.modeling.adapters import AdapterParam
+from difflora_jax.training import (
+    Checkpointer,
+    NonFiniteLossError,
+    load_adapter,
+    read_checkpoint_meta,
+    read_metrics,
+    train,
+)
+from difflora_jax.training.checkpoint import flatten
+from difflora_jax.weights.loading import load_model
+
+from .conftest import DIFFLORA
+
+METHOD = to_dict(dataclasses.replace(DIFFLORA, dropout=0.1))
+
+
+def loop_config(model_dir, output_dir, **overrides) -> TrainConfig:
+    """The shared tiny run (every test uses the same shapes and optimizer: one compilation)."""
+    config = TrainConfig(
+        model=str(model_dir),
+        method=METHOD,
+        output_dir=str(output_dir),
+        dtype="float32",
+        data=DataConfig(
+            source="synthetic",
+            num_examples=64,
+            tasks=("copy", "count", "kv_lookup"),
+            max_length=256,
+        ),
+        batch_size=4,
+        grad_accum_steps=2,
+        max_steps=6,
+        learning_rate=1e-3,
+        warmup_ratio=0.2,  # int(0.2 * 6) = 1 warmup step: update 1 has rate 0
+        save_every=3,
+        keep_checkpoints=2,
+    )
+    return dataclasses.replace(config, **overrides)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _adapters(model) -> dict[str, np.ndarray]:
+    return {
+        k: np.asarray(v)
+        for k, v in flatten(nnx.to_pure_dict(nnx.state(model, AdapterParam))).items()
+    }
+
+
+def _tensorboard_scalars(run_dir) -> dict[str, dict[int, float]]:
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, dict[int, float]] = {}
+    for path in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_hf_dir, tmp_path_factory):
+    config = loop_config(tiny_hf_dir, tmp_path_factory.mktemp("runs") / "full")
+    return config, train(config, progress=False)
+
+
+def test_run_writes_metrics_tensorboard_and_checkpoints(uninterrupted):
+    config, result = uninterrupted
+    run_dir = result.run_dir
+    assert result.step == 6 and result.resumed_from is None
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6] and records == result.metrics
+    for r in records:
+        assert set(r) >= {"loss", "lr", "grad_norm", "tokens", "tokens_per_s", "lambda"}
+        assert np.isfinite(r["loss"]) and 0 < r["loss"] < 10 and r["tokens"] > 0
+        assert r["tokens_per_s"] > 0 and set(r["lambda"]) == {"0", "1"}
+    # the linear schedule: warmup update 1 at rate 0, then decay from the peak
+    assert [r["lr"] for r in records] == pytest.approx([0.0, 1e-3, 8e-4, 6e-4, 4e-4, 2e-4])
+    assert records[-1]["loss"] < records[0]["loss"]
+    # lambda moves once the rate is non-zero, and the metric is the trained model's lambda
+    assert records[0]["lambda"] != records[-1]["lambda"]
+    final_lambda = [float(layer.attn.lambda_value()) for layer in result.model.layers]
+    assert [records[-1]["lambda"][k] for k in ("0", "1")] == pytest.approx(final_lambda, rel=1e-6)
+
+    scalars = _tensorboard_scalars(run_dir)
+    assert scalars["loss"] == pytest.approx({r["step"]: r["loss"] for r in records}, rel=1e-6)
+    assert set(scalars) >= {"lr", "grad_norm", "tokens_per_s", "lambda/0", "lambda/1"}
+
+    with Checkpointer(run_dir / "checkpoints", create=False) as checkpointer:
+        assert checkpointer.steps() == [3, 6]
+    meta = read_checkpoint_meta(run_dir)
+    assert meta["step"] == 6 and meta["metrics"]["loss"] == records[-1]["loss"]
+    assert meta["data_state"]["batches"] == 6 and meta["adapter_config"] == METHOD
+    assert meta["base_model"]["source"] == config.model
+    assert meta["train_config"]["batch_size"] == 4
+    saved = json.loads(json.dumps(meta["train_config"]))
+    assert saved["method"] == METHOD  # the method is recorded inline
+
+    # the adapters load onto a freshly loaded base model, equal to the trained ones
+    fresh, _ = load_model(config.model, with_tokenizer=False)
+    load_adapter(fresh, run_dir)
+    trained = _adapters(result.model)
+    loaded = _adapters(fresh)
+    assert all(np.array_equal(trained[k], loaded[k]) for k in trained)
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(uninterrupted, tmp_path):
+    config, full = uninterrupted
+    resumed_config = dataclasses.replace(config, output_dir=str(tmp_path / "resumed"))
+
+    def interrupt_at_4(state, record):
+        if state.step == 4:  # after step 4 is logged; the last checkpoint is step 3
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(resumed_config, step_callback=interrupt_at_4, progress=False)
+    assert [r["step"] for r in read_metrics(tmp_path / "resumed")] == [1, 2, 3, 4]
+
+    result = train(resumed_config, resume=True, progress=False)
+    assert result.resumed_from == 3 and result.step == 6
+    expected = read_metrics(full.run_dir)
+    got = read_metrics(tmp_path / "resumed")
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]  # step 4 of the interrupted run dropped
+    # bit-identical: the same compiled step on the same restored state, data and dropout keys
+    for want, have in zip(expected, got):
+        for key in ("loss", "grad_norm", "tokens", "lr", "lambda"):
+            assert have[key] == want[key], (want["step"], key)
+    full_adapters, resumed_adapters = _adapters(full.model), _adapters(result.model)
+    assert all(np.array_equal(full_adapters[k], resumed_adapters[k]) for k in full_adapters)
+
+    # resuming a finished run does nothing; resuming with another learning rate is refused
+    again = train(resumed_config, resume=True, progress=False)
+    assert again.step == 6 and again.metrics == []
+    with pytest.raises(ConfigError, match=r"differs .* \['learning_rate'\]"):
+        train(dataclasses.replace(resumed_config, learning_rate=2e-3), resume=True)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(uninterrupted, tmp_path):
+    config, _ = uninterrupted
+    config = dataclasses.replace(config, output_dir=str(tmp_path / "nan"), save_every=2)
+    seen = {}
+
+    def poison_after_4(state, record):
+        if state.step == 4:  # checkpoint 4 is saved; then an adapter goes NaN
+            seen["params"] = jax.tree.map(np.asarray, state.params)
+            layer = state.params["layers"][1]["attn"]
+            layer["lambda_q1"] = jnp.full_like(layer["lambda_q1"], jnp.nan)
+
+    with pytest.raises(NonFiniteLossError) as info:
+        train(config, step_callback=poison_after_4, progress=False)
+    message = str(info.value)
+    assert "non-finite loss at step 5" in message and "loss=nan" in message
+    assert "last good checkpoint is step 4" in message
+    assert [r["step"] for r in read_metrics(tmp_path / "nan")] == [1, 2, 3, 4]
+
+    with Checkpointer(tmp_path / "nan" / "checkpoints", create=False) as checkpointer:
+        assert checkpointer.latest_step() == 4
+    fresh, _ = load_model(config.model, with_tokenizer=False)
+    load_adapter(fresh, tmp_path / "nan")
+    loaded = _adapters(fresh)
+    want = flatten(seen["params"])
+    assert all(np.isfinite(v).all() for v in loaded.values())
+    assert all(np.array_equal(loaded[k], want[k]) for k in want)
+
+
+def test_a_new_run_never_writes_into_a_non_empty_directory(tiny_hf_dir, tmp_path):
+    run_dir = tmp_path / "taken"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match=r"is not empty .*--resume"):
+        train(loop_config(tiny_hf_dir, run_dir), progress=False)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"]
+    with pytest.raises(ConfigError, match=r"holds no config\.yaml, so it is not a run directory"):
+        train(loop_config(tiny_hf_dir, run_dir), resume=True, progress=False)
+    # a run that fails before training (here: no such model) leaves no directory behind
+    with pytest.raises(AssetNotFoundError, match="does not exist"):
+        train(loop_config(tmp_path / "no-model", tmp_path / "fresh"), progress=False)
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_cli_train_from_yaml_with_overrides_equals_the_api_run(uninterrupted, tmp_path, capsys):
+    from difflora_jax.cli import main
+    from difflora_jax.config import save_yaml
+
+    config, full = uninterrupted
+    # the method by name plus dotted overrides, and data.max_length from the command line
+    yaml_config = dataclasses.replace(
+        config,
+        method="difflora-32",
+        data=dataclasses.replace(config.data, max_length=4096),
+        output_dir="unused",
+    )
+    path = tmp_path / "train.yaml"
+    save_yaml(yaml_config, path)
+    run_dir = tmp_path / "cli-run"
+    argv = ["train", "--config", str(path), "--no-progress", "method.rank=4", "method.alpha=8"]
+    argv += ["data.max_length=256", f"output_dir={run_dir}"]
+    assert main([*argv, "--resume"]) == 0  # nothing to resume in an absent directory: starts
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    expected = read_metrics(full.run_dir)
+    assert printed == {"run_dir": str(run_dir), "step": 6, "loss": expected[-1]["loss"]}
+    got = read_metrics(run_dir)
+    assert [r["loss"] for r in got] == [r["loss"] for r in expected]
+
+    assert main(argv) == 1  # a new run there would overwrite this one
+    assert "is not empty" in capsys.readouterr().err
+    assert main([*argv, "--resume"]) == 0  # finished: nothing to do
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 6
