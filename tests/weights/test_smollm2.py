@@ -134,3 +134,44 @@ def test_library_never_imports_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_identity_start_equals_the_real_base_model_then_moves(ours):
+    """DiffLoRA with identity_start on SmolLM2: logits equal the base model's exactly at step 0
+    and change after one optimizer step (lambda leaves 0)."""
+    import dataclasses
+
+    from difflora_jax.config import OptimizerConfig
+    from difflora_jax.methods import load_method
+    from difflora_jax.modeling.adapters import apply_adapters
+    from difflora_jax.training.optimizer import make_optimizer
+    from difflora_jax.training.step import lambda_values, split_for_training, train_step, write_back
+
+    base, tokenizer = ours
+    ids = np.asarray([tokenizer(PROMPTS[0])["input_ids"][:16]], np.int32)
+    forward = nnx.jit(lambda m, ids: m(ids))
+    reference = np.asarray(forward(base, ids))
+    adapter = dataclasses.replace(load_method("difflora-identity"), dropout=0.0)
+    model = apply_adapters(nnx.clone(base), adapter)
+    assert np.array_equal(np.asarray(forward(model, ids)), reference)
+    assert np.all(np.asarray(lambda_values(model)) == 0.0)
+
+    length = ids.shape[1] - 1
+    batch = {
+        "input_ids": ids[:, :-1],
+        "targets": ids[:, 1:],
+        "loss_mask": np.ones((1, length), np.int32),
+        "segment_ids": np.ones((1, length), np.int32),
+        "positions": np.arange(length, dtype=np.int32)[None],
+    }
+    optimizer = OptimizerConfig(learning_rate=1e-2, total_steps=10, max_grad_norm=0.0)
+    graphdef, params, rng, rest = split_for_training(model)
+    opt_state = make_optimizer(optimizer).init(params)
+    params, _, rng, metrics = train_step(
+        graphdef, params, opt_state, rng, rest, batch, optimizer=optimizer
+    )
+    write_back(model, params, rng)
+    assert bool(metrics["finite"])
+    assert np.all(np.asarray(lambda_values(model)) != 0.0)
+    moved = np.abs(np.asarray(forward(model, ids)) - reference).max()
+    assert moved > 1e-4, moved
