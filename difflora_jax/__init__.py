@@ -1,6 +1,7 @@
 """difflora_jax: DiffLoRA (differential attention through low-rank adapters) in JAX / Flax NNX."""
 
-from difflora_jax.config import ModelConfig
+from difflora_jax.config import AdapterConfig, ModelConfig
+from difflora_jax.modeling.adapters import AdapterParam, apply_adapters
 from difflora_jax.modeling.llama import LlamaForCausalLM
 
 __version__ = "0.1.0"
@@ -20,4 +21,13 @@ def generate(model, tokenizer, prompts, **kwargs):
     return _generate(model, tokenizer, prompts, **kwargs)
 
 
-__all__ = ["LlamaForCausalLM", "ModelConfig", "__version__", "generate", "load_model"]
+__all__ = [
+    "AdapterConfig",
+    "AdapterParam",
+    "LlamaForCausalLM",
+    "ModelConfig",
+    "__version__",
+    "apply_adapters",
+    "generate",
+    "load_model",
+]
