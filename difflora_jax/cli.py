@@ -103,7 +103,58 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override config fields, dotted for nested ones: max_steps=100 data.max_length=256",
     )
+
+    ex = commands.add_parser(
+        "export",
+        help="export an adapter checkpoint: PEFT, reference DiffLoRA, or merged HF checkpoint",
+    )
+    ex.add_argument(
+        "--adapter",
+        required=True,
+        help="an adapter checkpoint: a run directory, its checkpoints/ or one step directory",
+    )
+    ex.add_argument(
+        "--format",
+        required=True,
+        choices=["peft", "reference", "merged"],
+        help="peft: adapter_config.json + adapter_model.safetensors (LoRA); reference: the "
+        "DiffLoRA reference code's config.json + model.safetensors; merged: a HF Llama "
+        "checkpoint with the adapters folded into the base weights",
+    )
+    ex.add_argument("--out", required=True, help="the output directory (must not exist)")
+    ex.add_argument(
+        "--model",
+        help="the base model (default: the one the checkpoint records); read for --format merged",
+    )
+
+    im = commands.add_parser(
+        "import", help="import a PEFT or reference DiffLoRA adapter as an adapter checkpoint"
+    )
+    im.add_argument("--format", required=True, choices=["peft", "reference"])
+    im.add_argument("--path", required=True, help="the adapter directory to read")
+    im.add_argument(
+        "--out", required=True, help="the checkpoint directory to write (must not exist)"
+    )
+    im.add_argument(
+        "--model",
+        help="the base model (default: the one the adapter's config names: PEFT's "
+        "base_model_name_or_path, the reference config's _name_or_path)",
+    )
     return parser
+
+
+def _export(args: argparse.Namespace) -> None:
+    from difflora_jax.weights.export import export_adapter
+
+    out = export_adapter(args.adapter, args.out, args.format, model=args.model)
+    print(json.dumps({"format": args.format, "out": str(out)}))
+
+
+def _import(args: argparse.Namespace) -> None:
+    from difflora_jax.weights.export import import_adapter
+
+    out = import_adapter(args.path, args.out, args.format, model=args.model)
+    print(json.dumps({"format": args.format, "checkpoint": str(out)}))
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -186,7 +237,14 @@ def _train(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    run = {"generate": _generate, "info": _info, "params": _params, "train": _train}
+    run = {
+        "generate": _generate,
+        "info": _info,
+        "params": _params,
+        "train": _train,
+        "export": _export,
+        "import": _import,
+    }
     try:
         run[args.command](args)
     except DiffLoRAError as e:
