@@ -49,6 +49,7 @@ import numpy as np
 
 from difflora_jax.config import AdapterConfig, ModelConfig, model_config_from_hf
 from difflora_jax.errors import CheckpointError, ConfigError
+from difflora_jax.training.checkpoint import BASE_FIELDS
 from difflora_jax.weights.adapter_files import (
     adapter_layout,
     hf_llama_config,
@@ -113,20 +114,9 @@ _VECTORS = {
     "lambda_k2": "lambda_k2",
     "group_norm": "subln.weight",
 }
-# ModelConfig fields a reference config.json carries and that must match the base model
-_BASE_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_layers",
-    "num_heads",
-    "num_kv_heads",
-    "head_dim",
-    "rms_norm_eps",
-    "rope_theta",
-    "rope_scaling",
-    "tie_word_embeddings",
-)
+# ModelConfig fields a reference config.json carries and that must match the base model: those
+# a checkpoint's base record compares, less the GGUF-only RoPE factors (config.json has no field)
+_BASE_FIELDS = tuple(f for f in BASE_FIELDS if f != "rope_freq_factors")
 
 
 def reference_name(path: str) -> str:
