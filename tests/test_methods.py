@@ -76,3 +76,17 @@ def test_params_command_prints_the_paper_counts(capsys):
 def test_params_reads_a_real_checkpoint_config_without_weights():
     config = model_config_for("smollm2-135m-instruct")
     assert (config.num_layers, config.hidden_size, config.num_kv_heads) == (30, 576, 3)
+
+
+def test_load_model_with_a_method_name_adds_fresh_adapters(tmp_path):
+    from difflora_jax.modeling.adapters import DifferentialAttention, count_adapter_params
+    from difflora_jax.weights.loading import load_model
+    from tests.conftest import save_tiny_llama
+
+    directory, _ = save_tiny_llama(tmp_path)
+    model, _ = load_model(directory, adapter="difflora-32", with_tokenizer=False)
+    assert model.adapter_config == load_method("difflora-32")
+    assert all(isinstance(layer.attn, DifferentialAttention) for layer in model.layers)
+    assert count_adapter_params(model) > 0
+    with pytest.raises(ConfigError, match="known methods"):
+        load_model(directory, adapter="no-such-method", with_tokenizer=False)
