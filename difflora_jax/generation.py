@@ -49,19 +49,37 @@ def _select(logits: jax.Array, key: jax.Array, temperature, top_p, greedy: bool,
     return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(5,))
+def _jit_donating(donate_argnums: tuple[int, ...], **jit_kwargs):
+    """``jax.jit`` that donates the cache buffers except on CPU, which cannot reuse them (and
+    warns). The backend is looked up at the first call, not at import."""
+
+    def decorate(fn):
+        compiled = {}
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            donate = jax.default_backend() != "cpu"
+            if donate not in compiled:
+                compiled[donate] = jax.jit(
+                    fn, donate_argnums=donate_argnums if donate else (), **jit_kwargs
+                )
+            return compiled[donate](*args, **kwargs)
+
+        return call
+
+    return decorate
+
+
+@_jit_donating((5,), static_argnums=(0,))
 def _prefill(graphdef, state, input_ids, attention_mask, positions, cache):
     model = nnx.merge(graphdef, state)
-    logits, cache = model.forward(input_ids, attention_mask, positions=positions, cache=cache)
+    logits, cache = model.forward(
+        input_ids, attention_mask, positions=positions, cache=cache, last_only=True
+    )
     return logits[:, -1], cache
 
 
-@functools.partial(
-    jax.jit,
-    static_argnums=(0,),
-    static_argnames=("steps", "greedy", "nucleus"),
-    donate_argnums=(2,),
-)
+@_jit_donating((2,), static_argnums=(0,), static_argnames=("steps", "greedy", "nucleus"))
 def _decode_chunk(
     graphdef,
     state,

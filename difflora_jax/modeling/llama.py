@@ -255,8 +255,12 @@ class LlamaForCausalLM(nnx.Module):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
+        last_only: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Logits and, when ``cache`` is given, the cache with these tokens written at its index."""
+        """Logits and, when ``cache`` is given, the cache with these tokens written at its index.
+
+        ``last_only``: logits of the last position only (``[batch, 1, vocab]``), skipping the LM
+        head elsewhere (prefill needs no more)."""
         batch, length = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((batch, length), jnp.int32)
@@ -285,6 +289,8 @@ class LlamaForCausalLM(nnx.Module):
             if layer_cache is not None:
                 new_keys.append(layer_cache[0])
                 new_values.append(layer_cache[1])
+        if last_only:
+            x = x[:, -1:]
         x = self.final_norm(x)
         if self.config.tie_word_embeddings:
             logits = self.embed_tokens.attend(x)
