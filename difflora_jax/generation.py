@@ -8,7 +8,6 @@ between chunks the host checks EOS and stop strings, so a finished batch stops e
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from difflora_jax.errors import ConfigError
+from difflora_jax.jit import jit_donating
 
 PROMPT_BUCKET = 16
 
@@ -49,28 +49,7 @@ def _select(logits: jax.Array, key: jax.Array, temperature, top_p, greedy: bool,
     return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
 
 
-def _jit_donating(donate_argnums: tuple[int, ...], **jit_kwargs):
-    """``jax.jit`` that donates the cache buffers except on CPU, which cannot reuse them (and
-    warns). The backend is looked up at the first call, not at import."""
-
-    def decorate(fn):
-        compiled = {}
-
-        @functools.wraps(fn)
-        def call(*args, **kwargs):
-            donate = jax.default_backend() != "cpu"
-            if donate not in compiled:
-                compiled[donate] = jax.jit(
-                    fn, donate_argnums=donate_argnums if donate else (), **jit_kwargs
-                )
-            return compiled[donate](*args, **kwargs)
-
-        return call
-
-    return decorate
-
-
-@_jit_donating((5,), static_argnums=(0,))
+@jit_donating(static_argnums=(0,), donate_argnums=(5,))
 def _prefill(graphdef, state, input_ids, attention_mask, positions, cache):
     model = nnx.merge(graphdef, state)
     logits, cache = model.forward(
@@ -79,7 +58,9 @@ def _prefill(graphdef, state, input_ids, attention_mask, positions, cache):
     return logits[:, -1], cache
 
 
-@_jit_donating((2,), static_argnums=(0,), static_argnames=("steps", "greedy", "nucleus"))
+@jit_donating(
+    static_argnums=(0,), static_argnames=("steps", "greedy", "nucleus"), donate_argnums=(2,)
+)
 def _decode_chunk(
     graphdef,
     state,

@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 from difflora_jax.config import OptimizerConfig
+from difflora_jax.jit import jit_donating
 from difflora_jax.modeling.adapters import AdapterParam
 from difflora_jax.training.optimizer import make_optimizer
 
@@ -176,11 +177,10 @@ def _train_step(graphdef, optimizer, grad_accum_steps, params, opt_state, rng, r
     return new_params, new_opt_state, new_rng, metrics
 
 
-_STATIC = ("graphdef", "optimizer", "grad_accum_steps")
-_jitted = jax.jit(_train_step, static_argnames=_STATIC)
-_jitted_donating = jax.jit(
-    _train_step, static_argnames=_STATIC, donate_argnames=("params", "opt_state", "rng")
-)
+_jitted = jit_donating(
+    static_argnames=("graphdef", "optimizer", "grad_accum_steps"),
+    donate_argnames=("params", "opt_state", "rng"),
+)(_train_step)
 
 
 def train_step(
@@ -203,8 +203,7 @@ def train_step(
     optimizer config, accumulation and batch shape. Inputs are donated off CPU.
     """
     batch = {k: np.asarray(batch[k], np.int32) for k in BATCH_KEYS}
-    fn = _jitted if jax.default_backend() == "cpu" else _jitted_donating
-    return fn(
+    return _jitted(
         params=params,
         opt_state=opt_state,
         rng=rng,
