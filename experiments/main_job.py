@@ -27,11 +27,11 @@ from pathlib import Path
 
 from flax import nnx
 
-from difflora_jax.config import DataConfig, TrainConfig
 from difflora_jax.data import make_mix
 from difflora_jax.evaluation import heldout_accuracy, heldout_loss
 from difflora_jax.modeling.adapters import count_adapter_params
 from difflora_jax.training import train
+from difflora_jax.training.config import DataConfig, TrainConfig
 from difflora_jax.weights.loading import load_model
 
 

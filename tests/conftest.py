@@ -3,28 +3,35 @@
 PyTorch and transformers are test-only peers: the library never imports torch. Every tiny
 checkpoint is a real ``transformers.LlamaForCausalLM`` saved with ``save_pretrained`` (always
 safetensors in transformers 5), so the loaders see exactly what a user's directory holds.
+torch and transformers are imported inside the helpers that use them, so the tests that never
+touch a torch model (data, config, ...) run without PyTorch installed.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pytest
-import torch
-import transformers
 from flax import nnx
 
+from tests.tiny import TINY, byte_tokenizer, tiny_model, write_hf_checkpoint
+
+if TYPE_CHECKING:
+    import torch
+
+# ``transformers.LlamaConfig`` arguments of the tiny checkpoints: the shape of tests/tiny.py's TINY.
 TINY_CONFIG = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=64,
-    # Not transformers' default (1e-6) nor our fallback, so a dropped eps would show.
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
+    vocab_size=TINY.vocab_size,
+    hidden_size=TINY.hidden_size,
+    intermediate_size=TINY.intermediate_size,
+    num_hidden_layers=TINY.num_layers,
+    num_attention_heads=TINY.num_heads,
+    num_key_value_heads=TINY.num_kv_heads,
+    head_dim=TINY.head_dim,
+    max_position_embeddings=TINY.max_position_embeddings,
+    rms_norm_eps=TINY.rms_norm_eps,
+    tie_word_embeddings=TINY.tie_word_embeddings,
     bos_token_id=1,
     eos_token_id=2,
 )
@@ -45,6 +52,8 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
     transformers' default init (normal(0, 0.02), norms = 1) gives near-uniform logits, where a
     parity tolerance says little, and all-ones norms let a bug in the norm mapping hide.
     """
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -69,6 +78,9 @@ def save_tiny_llama(
     returned model then holds those rounded weights, back in float32. Returns ``(directory, torch_model)``, the model float32 in eval
     mode with eager attention (the plain reference implementation).
     """
+    import torch
+    import transformers
+
     config = transformers.LlamaConfig(**{**TINY_CONFIG, **config_overrides})
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
@@ -91,6 +103,8 @@ def save_tiny_llama(
 def torch_logits(model, input_ids, attention_mask=None, position_ids=None):
     """Reference float32 logits; positions default to what difflora_jax uses by default
     (the count of real tokens before each one, so left padding does not shift RoPE)."""
+    import torch
+
     ids = np.asarray(input_ids)
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
     if position_ids is None:
@@ -132,3 +146,11 @@ def forward():
         return np.asarray(jitted(model, ids, mask))
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory):
+    """``tests.tiny``'s random Llama as a HF directory with the byte-level ChatML tokenizer (read-only)."""
+    directory = tmp_path_factory.mktemp("tiny_hf") / "tiny-llama"
+    write_hf_checkpoint(directory, tiny_model(None, seed=1), tokenizer=byte_tokenizer())
+    return directory

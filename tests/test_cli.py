@@ -30,7 +30,9 @@ def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    assert "difflora: error: " in err  # one form for argument and input errors (README)
 
 
 @pytest.mark.parametrize(

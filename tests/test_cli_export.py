@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
+from difflora_jax.adapter_checkpoint import read_adapter_checkpoint
 from difflora_jax.cli import main
 from difflora_jax.config import AdapterConfig
-from difflora_jax.weights.export import read_adapter_checkpoint
 from tests.weights.conftest import adapted_checkpoint
 
 LORA = AdapterConfig(method="lora", rank=4, alpha=8.0, targets=("q", "k", "o", "up"), layers=(1,))

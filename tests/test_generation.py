@@ -5,22 +5,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from difflora_jax.config import ModelConfig
 from difflora_jax.errors import ConfigError
 from difflora_jax.generation import generate_ids
 from difflora_jax.modeling.llama import LlamaForCausalLM
+from tests.tiny import tiny_config
 
-CONFIG = ModelConfig(
-    vocab_size=97,
-    hidden_size=64,
-    intermediate_size=96,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=16,
-    rope_theta=10000.0,
-    max_position_embeddings=256,
-)
+# A vocabulary that is not a multiple of 8; 256 positions, the limit a too-long request hits.
+CONFIG = tiny_config(vocab_size=97, max_position_embeddings=256)
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24]]
 
 

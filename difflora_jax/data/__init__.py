@@ -18,7 +18,7 @@ from difflora_jax.data.chat import (
     special_token_ids,
     validate_messages,
 )
-from difflora_jax.data.packing import BATCH_KEYS, BatchPacker, pack_examples
+from difflora_jax.data.packing import BatchPacker, pack_examples
 from difflora_jax.data.pipeline import SFTBatchIterator, epoch_permutation
 from difflora_jax.data.sources import (
     ExampleSource,
@@ -38,6 +38,7 @@ from difflora_jax.data.synthetic import (
     prompt_split,
 )
 from difflora_jax.errors import DataError
+from difflora_jax.losses import BATCH_KEYS  # the batch contract, re-exported for data users
 
 __all__ = [
     "BATCH_KEYS",

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from difflora_jax.errors import ConfigError, DataError
+from difflora_jax.protocols import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 # Tokens at the end of a rendered prefix that may tokenize differently once the conversation
@@ -100,9 +101,9 @@ def validate_messages(example: Any, where: str = "example") -> list[dict[str, st
     return out
 
 
-def special_token_ids(tokenizer) -> frozenset[int]:
+def special_token_ids(tokenizer: Tokenizer) -> frozenset[int]:
     """Ids of the tokenizer's special tokens (named ones and added tokens marked special)."""
-    ids = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    ids: set[int] = set(getattr(tokenizer, "all_special_ids", ()) or ())
     decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
     ids.update(int(i) for i, token in decoder.items() if getattr(token, "special", False))
     return frozenset(ids)
@@ -117,7 +118,7 @@ class ChatEncoder:
 
     def __init__(
         self,
-        tokenizer,
+        tokenizer: Tokenizer | None,
         *,
         max_length: int | None = None,
         end_of_turn_ids: Iterable[int] | None = None,
@@ -225,14 +226,14 @@ def _common_prefix(a: Sequence[int], b: np.ndarray) -> int:
 
 
 def encode_chat(
-    example: Mapping[str, Any], tokenizer, *, max_length: int | None = None
+    example: Mapping[str, Any], tokenizer: Tokenizer, *, max_length: int | None = None
 ) -> TokenizedExample:
     """Token ids ``[length]`` and assistant-only loss mask ``[length]`` of one chat example."""
     return ChatEncoder(tokenizer, max_length=max_length)(example)
 
 
 def encode_chats(
-    examples: Sequence[Mapping[str, Any]], tokenizer, *, max_length: int | None = None
+    examples: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, *, max_length: int | None = None
 ) -> list[TokenizedExample]:
     """``encode_chat`` over many examples, with batched tokenization."""
     return ChatEncoder(tokenizer, max_length=max_length).encode_batch(examples)

@@ -27,8 +27,10 @@ import numpy as np
 
 from difflora_jax.data.chat import TokenizedExample
 from difflora_jax.errors import ConfigError, DataError
+from difflora_jax.losses import BATCH_KEYS
 
-BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
+# Token-id entries start as padding; the rest (masks, segments, positions) as 0.
+_PADDED_WITH_PAD_ID = ("input_ids", "targets")
 
 
 class BatchPacker:
@@ -48,11 +50,8 @@ class BatchPacker:
     def _reset(self) -> None:
         shape = (self.batch_size, self.max_length)
         self._arrays = {
-            "input_ids": np.full(shape, self.pad_id, np.int32),
-            "targets": np.full(shape, self.pad_id, np.int32),
-            "loss_mask": np.zeros(shape, np.int32),
-            "segment_ids": np.zeros(shape, np.int32),
-            "positions": np.zeros(shape, np.int32),
+            key: np.full(shape, self.pad_id if key in _PADDED_WITH_PAD_ID else 0, np.int32)
+            for key in BATCH_KEYS
         }
         self._fill = [0] * self.batch_size  # tokens used per row
         self._segments = [0] * self.batch_size  # examples per row

@@ -20,6 +20,7 @@ import numpy as np
 from difflora_jax.data.chat import ChatEncoder, TokenizedExample
 from difflora_jax.data.packing import BatchPacker
 from difflora_jax.errors import ConfigError, DataError
+from difflora_jax.protocols import Tokenizer
 
 STATE_VERSION = 1
 _TOKENIZE_CHUNK = 256
@@ -41,7 +42,7 @@ class SFTBatchIterator:
     def __init__(
         self,
         examples: Sequence[Mapping[str, Any]],
-        tokenizer,
+        tokenizer: Tokenizer,
         *,
         batch_size: int,
         max_length: int,
@@ -96,7 +97,9 @@ class SFTBatchIterator:
             order = self._order(epoch)[position : position + 4 * _TOKENIZE_CHUNK]
             todo = [int(i) for i in order if self._cache[int(i)] is None][:_TOKENIZE_CHUNK]
             self.tokenize(todo)
-        return self._cache[index]
+        example = self._cache[index]
+        assert example is not None  # the chunk just tokenized starts at this example
+        return example
 
     def tokenize(self, indices: Sequence[int] | None = None) -> None:
         """Tokenize (and cache) source examples ``indices`` (default: all) in one batch."""

@@ -109,7 +109,7 @@ def _context_retrieval(rng: random.Random) -> tuple[str, str]:
     rng.shuffle(keys)
     values = rng.sample(range(1000, 10000), n_facts)
     facts = [f"The {obj} of the {c} {a} is {v}." for (c, a), v in zip(keys, values)]
-    sentences = rng.sample(_FILLER, rng.randint(6, 10))
+    sentences: list[str] = rng.sample(_FILLER, rng.randint(6, 10))
     for fact in facts:
         sentences.insert(rng.randint(0, len(sentences)), fact)
     answer = str(values[keys.index((color, animal))])

@@ -15,13 +15,20 @@ from flax import nnx
 
 from difflora_jax.data import ChatEncoder, contains_answer, pack_examples, prompt_messages
 from difflora_jax.generation import generate
-from difflora_jax.training.step import batch_loss
+from difflora_jax.losses import batch_loss
+from difflora_jax.modeling.llama import LlamaForCausalLM
+from difflora_jax.protocols import Tokenizer
 
 _batch_loss = nnx.jit(batch_loss)
 
 
 def heldout_loss(
-    model, tokenizer, items: Sequence[dict[str, Any]], *, max_length: int = 512, batch_size: int = 8
+    model: LlamaForCausalLM,
+    tokenizer: Tokenizer,
+    items: Sequence[dict[str, Any]],
+    *,
+    max_length: int = 512,
+    batch_size: int = 8,
 ) -> float:
     """Token-weighted mean loss on the assistant tokens of ``items`` (no packing, no dropout)."""
     encoded = ChatEncoder(tokenizer, max_length=max_length).encode_batch(list(items))
@@ -35,8 +42,8 @@ def heldout_loss(
 
 
 def heldout_accuracy(
-    model,
-    tokenizer,
+    model: LlamaForCausalLM,
+    tokenizer: Tokenizer,
     items: Sequence[dict[str, Any]],
     *,
     max_new_tokens: int = 32,

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any, TypeGuard
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from difflora_jax.config import AdapterConfig, ModelConfig
+from difflora_jax.config import LORA_TARGETS, AdapterConfig, ModelConfig
 from difflora_jax.modeling.attention import attention, attention_probs, write_kv
 from difflora_jax.modeling.llama import Attention, LlamaForCausalLM, Projection
 from difflora_jax.modeling.rope import apply_rope
@@ -78,6 +79,11 @@ class LowRank(nnx.Module):
         self.dropout = nnx.data(
             nnx.Dropout(dropout, deterministic=True, rngs=rngs) if dropout > 0 else None
         )
+
+    def delta(self) -> jax.Array:
+        """The dense update this adapter adds to its base kernel: ``scale * A B``, float32
+        ``[*in_shape, *out_shape]`` (``x (W + delta) = x W + s x A B``; merging folds it in)."""
+        return self.scale * jnp.tensordot(self.a[...], self.b[...], axes=1)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.dropout is not None:
@@ -160,7 +166,7 @@ class DifferentialAttention(nnx.Module):
             )
         else:
             b_init = "kaiming" if adapter.negative_term == "adapters" else "zeros"
-            common = dict(
+            common: dict[str, Any] = dict(
                 rank=adapter.rank,
                 scale=adapter.scale,
                 dropout=adapter.dropout,
@@ -203,9 +209,18 @@ class DifferentialAttention(nnx.Module):
         self.relu_on_differential = adapter.relu_on_differential
 
     @property
-    def cache_key_heads(self) -> int:
-        """Keys cached per token: K1 and K2 stacked, 2 x kv_heads."""
-        return 2 * self.num_kv_heads
+    def cache_heads(self) -> tuple[int, int]:
+        """``(key heads, value heads)`` cached per token: K1 and K2 stacked (2 x kv_heads) and
+        the one V both maps share. A variant with its own negative-term V caches 2 x kv_heads
+        values here, and ``__call__`` then uses them as they are."""
+        return 2 * self.num_kv_heads, self.num_kv_heads
+
+    def values(self, x: jax.Array) -> jax.Array:
+        """V ``[batch, length, value heads, head_dim]`` with ``cache_heads[1]`` heads: the one
+        V both maps share (``X W_V``, plus ``lora_v``). The extension point of a variant with
+        its own negative-term V: return ``[V1, V2]`` stacked on the head axis (2 x kv_heads,
+        and say so in ``cache_heads``); the cache and the attention call follow."""
+        return self.v_proj(x)
 
     def lambda_value(self) -> jax.Array:
         """lambda (float32 scalar): exp(q1.k1) - exp(q2.k2) + lambda_init, or the fixed value."""
@@ -225,10 +240,11 @@ class DifferentialAttention(nnx.Module):
         k2 = self.negative_k(x).astype(key.dtype)
         if self.negative_term == "base_plus_adapters":
             q2, k2 = query + q2, key + k2
-        value = self.v_proj(x)
+        value = self.values(x)
         queries = apply_rope(jnp.concatenate([q1, q2], axis=2), cos, sin)  # [b, t, 2 heads, d]
         keys = apply_rope(jnp.concatenate([k1, k2], axis=2), cos, sin)  # [b, t, 2 kv_heads, d]
         if kv_cache is not None:
+            assert cache_index is not None  # a cache comes with the slot to write
             keys = write_kv(kv_cache[0], keys, cache_index)
             value = write_kv(kv_cache[1], value, cache_index)
             kv_cache = (keys, value)
@@ -240,7 +256,10 @@ class DifferentialAttention(nnx.Module):
             out = jnp.einsum("bkgts,bskd->btkgd", diff, value.astype(jnp.float32))
             out = out.reshape(*out.shape[:2], h, -1)
         else:
-            values = jnp.concatenate([value, value], axis=2)  # V shared by both maps
+            if value.shape[2] == self.num_kv_heads:  # V shared by both maps
+                values = jnp.concatenate([value, value], axis=2)
+            else:  # a separate V for the negative map, stacked as the keys are
+                values = value
             both = attention(queries, keys, values, mask, backend=self.attention_backend)
             out = both[:, :, :h].astype(jnp.float32) - lam * both[:, :, h:].astype(jnp.float32)
         if self.group_norm is not None:
@@ -250,6 +269,26 @@ class DifferentialAttention(nnx.Module):
         if self.output_branch is not None:
             y = y + self.output_branch(x).astype(y.dtype)
         return y, kv_cache
+
+
+# LoRA target name (AdapterConfig.targets) -> the projection's module path inside a layer; the
+# one map the adapters, the PEFT format and merging all read.
+LORA_TARGET_MODULES = {
+    "q": ("attn", "q_proj"),
+    "k": ("attn", "k_proj"),
+    "v": ("attn", "v_proj"),
+    "o": ("attn", "o_proj"),
+    "gate": ("mlp", "gate_proj"),
+    "up": ("mlp", "up_proj"),
+    "down": ("mlp", "down_proj"),
+}
+assert tuple(LORA_TARGET_MODULES) == LORA_TARGETS
+
+
+def target_projection(layer: nnx.Module, target: str) -> Projection:
+    """The base projection of ``layer`` that the LoRA target ``target`` (``"q"``...) adapts."""
+    block, name = LORA_TARGET_MODULES[target]
+    return getattr(getattr(layer, block), name)
 
 
 def apply_adapters(model: LlamaForCausalLM, adapter: AdapterConfig) -> LlamaForCausalLM:
@@ -265,22 +304,15 @@ def apply_adapters(model: LlamaForCausalLM, adapter: AdapterConfig) -> LlamaForC
     for i in adapter.adapted_layers(model.config.num_layers):
         layer = model.layers[i]
         if adapter.method == "lora":
-            projections = {
-                "q": layer.attn.q_proj,
-                "k": layer.attn.k_proj,
-                "v": layer.attn.v_proj,
-                "o": layer.attn.o_proj,
-                "gate": layer.mlp.gate_proj,
-                "up": layer.mlp.up_proj,
-                "down": layer.mlp.down_proj,
-            }
             for target in adapter.targets:
-                add_lora(projections[target], adapter, rngs)
+                add_lora(target_projection(layer, target), adapter, rngs)
         else:
-            layer.attn = DifferentialAttention(layer.attn, model.config, adapter, rngs)
+            base = layer.attn
+            assert isinstance(base, Attention)  # a model without adapters has base attention
+            layer.attn = DifferentialAttention(base, model.config, adapter, rngs)
             if adapter.lora_mlp:
-                for projection in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
-                    add_lora(projection, adapter, rngs)
+                for target in ("gate", "up", "down"):
+                    add_lora(target_projection(layer, target), adapter, rngs)
     model.adapter_config = adapter
     return model
 
@@ -290,18 +322,65 @@ def adapter_state(model: nnx.Module) -> nnx.State:
     return nnx.state(model, AdapterParam)
 
 
+def adapter_arrays(model: nnx.Module) -> dict:
+    """The trainable arrays as a pure nested dict (what optimizers and checkpoints hold)."""
+    return nnx.to_pure_dict(adapter_state(model))
+
+
+def write_back(model: nnx.Module, params: dict, rng: dict | None = None) -> None:
+    """Put adapter arrays ``params`` (a pure nested dict, as ``adapter_arrays`` gives) and,
+    when given, a dropout RNG state into ``model``, in place."""
+    state = adapter_state(model)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
+    if rng is not None and jax.tree.leaves(rng):
+        rng_state = nnx.state(model, nnx.RngState)
+        nnx.replace_by_pure_dict(rng_state, rng)
+        nnx.update(model, rng_state)
+
+
+def is_differential(attention_module: object) -> TypeGuard[DifferentialAttention]:
+    """Whether an attention module is DiffLoRA's differential attention (has a lambda)."""
+    return isinstance(attention_module, DifferentialAttention)
+
+
+def lambda_layers(model: LlamaForCausalLM) -> tuple[int, ...]:
+    """Indices of the layers whose attention is differential."""
+    return tuple(i for i, layer in enumerate(model.layers) if is_differential(layer.attn))
+
+
+def lambda_values(model: LlamaForCausalLM) -> jax.Array:
+    """lambda of every differential layer, float32 ``[len(lambda_layers(model))]``."""
+    values = [layer.attn.lambda_value() for layer in model.layers if is_differential(layer.attn)]
+    return jnp.stack(values) if values else jnp.zeros((0,), jnp.float32)
+
+
 def count_adapter_params(model: nnx.Module) -> int:
     return sum(x.size for x in jax.tree.leaves(adapter_state(model)))
 
 
-def trainable_params_per_layer(config: ModelConfig, adapter: AdapterConfig) -> dict[int, int]:
-    """Adapter parameters per layer index, computed from abstract shapes (no weights needed)."""
-    model = nnx.eval_shape(
+def abstract_adapted_model(config: ModelConfig, adapter: AdapterConfig) -> LlamaForCausalLM:
+    """A model of ``config`` carrying ``adapter``, shapes only (nothing is computed)."""
+    return nnx.eval_shape(
         lambda: apply_adapters(LlamaForCausalLM(config, rngs=nnx.Rngs(0)), adapter)
     )
+
+
+def adapter_shapes(config: ModelConfig, adapter: AdapterConfig) -> dict[str, tuple[int, ...]]:
+    """``{"layers.0.attn.q_proj.lora.a": (64, 4), ...}``: every adapter parameter's shape."""
+    model = abstract_adapted_model(config, adapter)
+    return {
+        ".".join(str(p) for p in path): tuple(variable.get_value().shape)
+        for path, variable in nnx.to_flat_state(adapter_state(model))
+    }
+
+
+def trainable_params_per_layer(config: ModelConfig, adapter: AdapterConfig) -> dict[int, int]:
+    """Adapter parameters per layer index, computed from abstract shapes (no weights needed)."""
+    model = abstract_adapted_model(config, adapter)
     counts = dict.fromkeys(range(config.num_layers), 0)
     for path, variable in nnx.to_flat_state(adapter_state(model)):
-        if path[0] != "layers":
+        if path[0] != "layers" or not isinstance(path[1], int):
             raise AssertionError(f"adapter parameter outside the layers: {path}")
-        counts[int(path[1])] += math.prod(variable.get_value().shape)
+        counts[path[1]] += math.prod(variable.get_value().shape)
     return counts

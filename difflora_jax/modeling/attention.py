@@ -96,7 +96,8 @@ def attention_probs(
 class KVCache:
     """Preallocated keys and values for every layer, plus which slots hold real tokens.
 
-    keys[i], values[i]: ``[batch, max_length, kv_heads, head_dim]``; key_valid:
+    keys[i], values[i]: ``[batch, max_length, heads, head_dim]`` with the heads layer i caches
+    (see ``create``); key_valid:
     ``[batch, max_length]``; index: the next slot to write (the same for the whole batch, since
     prompts are left-padded to one length).
     """
@@ -109,20 +110,18 @@ class KVCache:
     @classmethod
     def create(
         cls,
-        key_heads: Sequence[int],
-        value_heads: int,
+        heads: Sequence[tuple[int, int]],
         batch: int,
         max_length: int,
         head_dim: int,
         dtype: jnp.dtype,
     ) -> KVCache:
-        """A zeroed cache; ``key_heads[i]`` is layer i's cached key heads (2 x kv_heads for a
-        differential layer, which caches K1 and K2)."""
+        """A zeroed cache; ``heads[i] = (key heads, value heads)`` that layer i caches per token
+        (each attention module says so in its ``cache_heads``: a standard layer caches
+        ``(kv_heads, kv_heads)``, a differential one K1 and K2 stacked and the shared V)."""
         return cls(
-            keys=tuple(jnp.zeros((batch, max_length, n, head_dim), dtype) for n in key_heads),
-            values=tuple(
-                jnp.zeros((batch, max_length, value_heads, head_dim), dtype) for _ in key_heads
-            ),
+            keys=tuple(jnp.zeros((batch, max_length, k, head_dim), dtype) for k, _ in heads),
+            values=tuple(jnp.zeros((batch, max_length, v, head_dim), dtype) for _, v in heads),
             key_valid=jnp.zeros((batch, max_length), bool),
             index=jnp.zeros((), jnp.int32),
         )

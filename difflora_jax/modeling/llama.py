@@ -23,16 +23,58 @@ Nothing here knows about files, meshes or training.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.typing import DTypeLike
 
-from difflora_jax.config import ModelConfig
+from difflora_jax.config import AdapterConfig, ModelConfig
 from difflora_jax.modeling.attention import KVCache, attention, make_attention_mask, write_kv
 from difflora_jax.modeling.rope import apply_rope, inverse_frequencies, rope_angles
 
 _INIT = jax.nn.initializers.normal(stddev=0.02)
+
+LayerCache = tuple[jax.Array, jax.Array]  # one layer's (keys, values) in the KV cache
+
+
+class ProjectionAdapter(Protocol):
+    """What a projection needs of the adapter attached to it (``modeling.adapters.LowRank``)."""
+
+    def __call__(self, x: jax.Array, /) -> jax.Array:
+        """The adapter's output ``s x A B``, added to the projection's ``x W``."""
+        ...
+
+    def delta(self) -> jax.Array:
+        """The dense update ``s A B`` of the base kernel (what merging folds in)."""
+        ...
+
+
+class AttentionLayer(Protocol):
+    """What a decoder layer needs of its attention: ``Attention``, or the differential
+    attention ``modeling.adapters`` puts in its place."""
+
+    attention_backend: str
+
+    @property
+    def cache_heads(self) -> tuple[int, int]:
+        """``(key heads, value heads)`` the layer keeps in the KV cache per token."""
+        ...
+
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array,
+        kv_cache: LayerCache | None = None,
+        cache_index: jax.Array | None = None,
+        /,
+    ) -> tuple[jax.Array, LayerCache | None]:
+        """x ``[batch, length, embed]`` -> ``[batch, length, embed]`` and the updated layer cache."""
+        ...
 
 
 class Projection(nnx.Module):
@@ -45,14 +87,15 @@ class Projection(nnx.Module):
         in_axes: Sequence[str],
         out_axes: Sequence[str],
         *,
-        dtype: jnp.dtype,
+        dtype: DTypeLike,
         rngs: nnx.Rngs,
     ):
         self.in_shape = tuple(in_shape)
         self.out_shape = tuple(out_shape)
         kernel = _INIT(rngs.params(), self.in_shape + self.out_shape, dtype)
         self.kernel = nnx.Param(kernel, logical_axes=tuple(in_axes) + tuple(out_axes))
-        self.lora = nnx.data(None)  # a LowRank adapter (modeling/adapters.py) once attached
+        # a LowRank adapter (modeling/adapters.py) once attached
+        self.lora: ProjectionAdapter | None = nnx.data(None)
 
     def base(self, x: jax.Array) -> jax.Array:
         """The frozen map ``x W`` alone."""
@@ -75,7 +118,7 @@ class Projection(nnx.Module):
 class RMSNorm(nnx.Module):
     """RMS normalisation in float32 with a learned scale (as transformers' LlamaRMSNorm)."""
 
-    def __init__(self, dim: int, eps: float, *, dtype: jnp.dtype, axis_name: str = "embed"):
+    def __init__(self, dim: int, eps: float, *, dtype: DTypeLike, axis_name: str = "embed"):
         self.eps = eps
         self.scale = nnx.Param(jnp.ones((dim,), dtype), logical_axes=(axis_name,))
 
@@ -94,7 +137,7 @@ class Attention(nnx.Module):
         config: ModelConfig,
         layer_index: int,
         *,
-        dtype: jnp.dtype,
+        dtype: DTypeLike,
         attention_backend: str,
         rngs: nnx.Rngs,
     ):
@@ -115,6 +158,11 @@ class Attention(nnx.Module):
             (h, d), (e,), ("heads", "head_dim"), ("embed",), dtype=dtype, rngs=rngs
         )
 
+    @property
+    def cache_heads(self) -> tuple[int, int]:
+        """``(key heads, value heads)`` this layer keeps in the KV cache per token."""
+        return self.k_proj.out_shape[0], self.v_proj.out_shape[0]
+
     def __call__(
         self,
         x: jax.Array,
@@ -129,6 +177,7 @@ class Attention(nnx.Module):
         key = apply_rope(self.k_proj(x), cos, sin)  # [batch, length, kv_heads, head_dim]
         value = self.v_proj(x)
         if kv_cache is not None:
+            assert cache_index is not None  # a cache comes with the slot to write
             key = write_kv(kv_cache[0], key, cache_index)  # [batch, max_length, kv_heads, head_dim]
             value = write_kv(kv_cache[1], value, cache_index)
             kv_cache = (key, value)
@@ -139,7 +188,7 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, config: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, dtype: DTypeLike, rngs: nnx.Rngs):
         e, m = config.hidden_size, config.intermediate_size
         self.gate_proj = Projection((e,), (m,), ("embed",), ("mlp",), dtype=dtype, rngs=rngs)
         self.up_proj = Projection((e,), (m,), ("embed",), ("mlp",), dtype=dtype, rngs=rngs)
@@ -157,12 +206,12 @@ class DecoderLayer(nnx.Module):
         config: ModelConfig,
         layer_index: int,
         *,
-        dtype: jnp.dtype,
+        dtype: DTypeLike,
         attention_backend: str,
         rngs: nnx.Rngs,
     ):
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
-        self.attn = Attention(
+        self.attn: AttentionLayer = Attention(
             config, layer_index, dtype=dtype, attention_backend=attention_backend, rngs=rngs
         )
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
@@ -176,7 +225,7 @@ class DecoderLayer(nnx.Module):
 
 
 class Embedding(nnx.Module):
-    def __init__(self, vocab: int, dim: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, vocab: int, dim: int, *, dtype: DTypeLike, rngs: nnx.Rngs):
         self.embedding = nnx.Param(
             _INIT(rngs.params(), (vocab, dim), dtype), logical_axes=("vocab", "embed")
         )
@@ -197,7 +246,7 @@ class LlamaForCausalLM(nnx.Module):
         self,
         config: ModelConfig,
         *,
-        dtype: jnp.dtype = jnp.float32,
+        dtype: DTypeLike = jnp.float32,
         attention_backend: str = "xla",
         rngs: nnx.Rngs,
     ):
@@ -211,7 +260,8 @@ class LlamaForCausalLM(nnx.Module):
             ]
         )
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
-        self.adapter_config = None  # set by modeling.adapters.apply_adapters
+        # set by modeling.adapters.apply_adapters
+        self.adapter_config: AdapterConfig | None = None
         if not config.tie_word_embeddings:
             self.lm_head = Projection(
                 (config.hidden_size,),
@@ -301,20 +351,18 @@ class LlamaForCausalLM(nnx.Module):
                 keys=tuple(new_keys),
                 values=tuple(new_values),
                 key_valid=key_valid,
-                index=index + length,
+                index=cache.index + length,
             )
         return logits.astype(jnp.float32), cache
 
     def init_cache(self, batch: int, max_length: int) -> KVCache:
         """An empty KV cache for ``batch`` sequences of up to ``max_length`` tokens."""
-        c = self.config
         dtype = self.embed_tokens.embedding[...].dtype
-        key_heads = [
-            getattr(layer.attn, "cache_key_heads", c.num_kv_heads) for layer in self.layers
-        ]
-        return KVCache.create(key_heads, c.num_kv_heads, batch, max_length, c.head_dim, dtype)
+        heads = [layer.attn.cache_heads for layer in self.layers]
+        return KVCache.create(heads, batch, max_length, self.config.head_dim, dtype)
 
 
-def default_positions(attention_mask: jax.Array) -> jax.Array:
-    """RoPE positions: number of real tokens before each token (0 for padding)."""
-    return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
+def default_positions(attention_mask: jax.Array | np.ndarray) -> jax.Array:
+    """RoPE positions ``[batch, length]``: the number of real tokens before each token (0 for
+    padding), so left padding does not shift RoPE. The one definition every caller uses."""
+    return jnp.maximum(jnp.cumsum(jnp.asarray(attention_mask), axis=-1) - 1, 0).astype(jnp.int32)

@@ -1,24 +1,21 @@
-"""Adapter-only training: schedule and optimizer, the jitted train step, Orbax checkpoints,
-the training loop.
+"""Adapter-only training: its configs, schedule and optimizer, the jitted train step, the
+training loop. Adapter checkpoints live one layer down (``difflora_jax.adapter_checkpoint``),
+so inference and export never need this package.
 
 ```python
-from difflora_jax.config import load_train_config
-from difflora_jax.training import load_adapter, train
+from difflora_jax.training import load_train_config, train
 
 result = train(load_train_config("run.yaml", ["max_steps=100"]))   # or resume=True
-model = load_adapter(base_model, result.run_dir)                    # adapters onto a base model
 ```
 """
 
 from difflora_jax.training.batches import RandomBatches, build_batches
-from difflora_jax.training.checkpoint import (
-    Checkpointer,
-    base_model_record,
-    check_base_model,
-    load_adapter,
-    locate_checkpoint,
-    model_fingerprint,
-    read_checkpoint_meta,
+from difflora_jax.training.config import (
+    DataConfig,
+    OptimizerConfig,
+    TrainConfig,
+    load_train_config,
+    parse_override,
 )
 from difflora_jax.training.loop import (
     NonFiniteLossError,
@@ -31,42 +28,28 @@ from difflora_jax.training.loop import (
 from difflora_jax.training.metrics import MetricsLogger, read_metrics
 from difflora_jax.training.optimizer import learning_rate, make_optimizer
 from difflora_jax.training.schedule import linear_warmup_decay
-from difflora_jax.training.step import (
-    batch_loss,
-    compute_gradients,
-    lambda_layers,
-    lambda_values,
-    split_for_training,
-    train_step,
-    write_back,
-)
+from difflora_jax.training.step import compute_gradients, split_for_training, train_step
 
 __all__ = [
-    "Checkpointer",
+    "DataConfig",
     "MetricsLogger",
     "NonFiniteLossError",
+    "OptimizerConfig",
     "RandomBatches",
+    "TrainConfig",
     "TrainResult",
     "TrainState",
     "TrainingError",
-    "base_model_record",
-    "batch_loss",
     "build_batches",
-    "check_base_model",
     "compute_gradients",
-    "lambda_layers",
-    "lambda_values",
     "learning_rate",
     "linear_warmup_decay",
-    "load_adapter",
-    "locate_checkpoint",
+    "load_train_config",
     "make_optimizer",
-    "model_fingerprint",
-    "read_checkpoint_meta",
+    "parse_override",
     "read_metrics",
     "reseed_dropout",
     "split_for_training",
     "train",
     "train_step",
-    "write_back",
 ]

@@ -12,8 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from difflora_jax.config import DataConfig
+from difflora_jax import data
 from difflora_jax.errors import ConfigError
+from difflora_jax.protocols import Tokenizer
+from difflora_jax.training.config import DataConfig
 
 
 class RandomBatches:
@@ -91,22 +93,24 @@ class RandomBatches:
 
 def load_examples(config: DataConfig):
     """The chat examples ``config`` names (a list or a random-access source)."""
-    from difflora_jax import data
-
     if config.source == "synthetic":
         return data.make_mix(
             config.num_examples, seed=config.seed, split=config.split, tasks=config.tasks
         )
+    if config.source not in ("jsonl", "hf", "tfds"):
+        raise ConfigError(f"data.source={config.source!r} has no examples")
+    if not config.path:
+        raise ConfigError(f"data.source={config.source!r} needs data.path")
     if config.source == "jsonl":
         return data.load_jsonl(config.path)
     if config.source == "hf":
         return data.load_hf_dataset(config.path, split=config.split)
-    if config.source == "tfds":
-        return data.load_tfds(config.path, split=config.split, data_dir=config.data_dir)
-    raise ConfigError(f"data.source={config.source!r} has no examples")
+    return data.load_tfds(config.path, split=config.split, data_dir=config.data_dir)
 
 
-def build_batches(config: DataConfig, tokenizer, *, batch_size: int, vocab_size: int):
+def build_batches(
+    config: DataConfig, tokenizer: Tokenizer | None, *, batch_size: int, vocab_size: int
+):
     """The resumable batch iterator of ``config`` (rows of ``config.max_length`` tokens)."""
     config.validate()
     if config.source == "random":
@@ -118,9 +122,7 @@ def build_batches(config: DataConfig, tokenizer, *, batch_size: int, vocab_size:
             f"data.source={config.source!r} needs a tokenizer with a chat template, and the "
             "model has none (use a checkpoint with tokenizer files, or data.source=random)"
         )
-    from difflora_jax.data import SFTBatchIterator
-
-    return SFTBatchIterator(
+    return data.SFTBatchIterator(
         load_examples(config),
         tokenizer,
         batch_size=batch_size,

@@ -6,13 +6,21 @@ A run directory holds ``config.yaml`` (the run's TrainConfig with the method inl
 non-empty directory; ``resume=True`` continues from the latest checkpoint there (same adapters,
 optimizer state, dropout RNG state and data position, so the losses equal an uninterrupted
 run's), or starts the run when the directory is absent or empty (so a preemptible job can
-always pass it).
+always pass it). A newest checkpoint whose files are unreadable is moved, unchanged, to
+``corrupt_checkpoints/<step>`` (named on stderr) and the run resumes from the newest one that
+reads cleanly.
+
+``train`` reads as its three parts: ``_prepare`` (model, adapters, data, optimizer; nothing
+written yet), ``_resume`` (the checkpoint to continue from) and ``_run_steps`` (step, record,
+checkpoint).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,31 +31,28 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from difflora_jax.config import (
-    RESUMABLE_CHANGES,
-    AdapterConfig,
-    TrainConfig,
-    from_dict,
-    load_yaml,
-    save_yaml,
-    to_dict,
+from difflora_jax.adapter_checkpoint import (
+    Checkpointer,
+    CorruptCheckpointError,
+    base_model_record,
+    check_fits,
 )
+from difflora_jax.config import AdapterConfig, load_yaml, save_yaml, to_dict
 from difflora_jax.errors import CheckpointError, ConfigError, DiffLoRAError
-from difflora_jax.modeling.adapters import apply_adapters
+from difflora_jax.losses import BATCH_KEYS
+from difflora_jax.modeling.adapters import apply_adapters, lambda_layers, write_back
+from difflora_jax.modeling.llama import LlamaForCausalLM
+from difflora_jax.protocols import Tokenizer
 from difflora_jax.training.batches import build_batches
-from difflora_jax.training.checkpoint import Checkpointer, base_model_record, check_base_model
+from difflora_jax.training.config import RESUMABLE_CHANGES, OptimizerConfig, TrainConfig
 from difflora_jax.training.metrics import MetricsLogger
 from difflora_jax.training.optimizer import learning_rate, make_optimizer
-from difflora_jax.training.step import (
-    BATCH_KEYS,
-    lambda_layers,
-    split_for_training,
-    train_step,
-    write_back,
-)
+from difflora_jax.training.step import split_for_training, train_step
+from difflora_jax.weights.loading import load_model
 
 RUN_CONFIG = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
+CORRUPT_DIR = "corrupt_checkpoints"
 
 
 class TrainingError(DiffLoRAError, RuntimeError):
@@ -70,8 +75,8 @@ class TrainState:
 
 @dataclasses.dataclass
 class TrainResult:
-    model: nnx.Module  # the base model with the trained adapters
-    tokenizer: Any
+    model: LlamaForCausalLM  # the base model with the trained adapters
+    tokenizer: Tokenizer | None
     run_dir: Path
     step: int
     metrics: list[dict[str, Any]]  # the records this call logged
@@ -162,12 +167,225 @@ def _check_batch(batch: dict, step: int, shape: tuple[int, int], vocab_size: int
         )
 
 
+@dataclasses.dataclass
+class _Run:
+    """Everything a run needs before it writes anything."""
+
+    config: TrainConfig
+    run_config: TrainConfig  # with the method inlined: what config.yaml records
+    run_dir: Path
+    model: LlamaForCausalLM
+    tokenizer: Tokenizer | None
+    adapter_config: AdapterConfig
+    base_record: dict
+    batches: Iterator[dict]
+    optimizer: OptimizerConfig
+    graphdef: nnx.GraphDef
+    rest: dict
+    layers: tuple[int, ...]
+
+
+def _prepare(
+    config: TrainConfig,
+    resume: bool,
+    model: LlamaForCausalLM | None,
+    tokenizer: Tokenizer | None,
+    batches: Iterator[dict] | None,
+) -> tuple[_Run, TrainState]:
+    """Validate, load the base model, add adapters, build the data and the optimizer state."""
+    config.validate()
+    adapter_config = config.adapter_config()
+    run_config = _resolved(config, adapter_config)
+    run_dir = Path(config.output_dir).expanduser().absolute()
+    _check_run_dir(run_dir, run_config, resume)
+    if model is None:
+        model, loaded = load_model(
+            config.model, dtype=config.dtype, attention_backend=config.attention_backend
+        )
+        tokenizer = loaded if tokenizer is None else tokenizer
+    if getattr(model, "adapter_config", None) is None:
+        apply_adapters(model, adapter_config)
+    elif model.adapter_config != adapter_config:
+        raise ConfigError(
+            f"the model already carries adapters {model.adapter_config}, not the config's "
+            f"method {adapter_config}"
+        )
+    reseed_dropout(model, config.seed)
+    if batches is None:
+        batches = build_batches(
+            config.data, tokenizer, batch_size=config.batch_size, vocab_size=model.config.vocab_size
+        )
+    optimizer = config.optimizer_config()
+    graphdef, params, rng, rest = split_for_training(model)
+    run = _Run(
+        config=config,
+        run_config=run_config,
+        run_dir=run_dir,
+        model=model,
+        tokenizer=tokenizer,
+        adapter_config=adapter_config,
+        base_record=base_model_record(model, config.model),
+        batches=batches,
+        optimizer=optimizer,
+        graphdef=graphdef,
+        rest=rest,
+        layers=lambda_layers(model),
+    )
+    return run, TrainState(0, params, make_optimizer(optimizer).init(params), rng)
+
+
+def _set_aside(checkpointer: Checkpointer, run_dir: Path, step: int, error: Exception) -> None:
+    """Move an unreadable checkpoint, unchanged, out of Orbax's directory (where it would be
+    garbage-collected or collide with the next save of its step), saying so on stderr."""
+    source = checkpointer.step_dir(step)
+    target = run_dir / CORRUPT_DIR / str(step)
+    if target.exists():
+        target = target.with_name(f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
+    target.parent.mkdir(exist_ok=True)
+    shutil.move(str(source), str(target))
+    print(
+        f"difflora: warning: {error}; moved it unchanged to {target} and trying the next "
+        "older checkpoint",
+        file=sys.stderr,
+    )
+
+
+def _resume(checkpointer: Checkpointer, run: _Run, state: TrainState) -> int | None:
+    """Restore ``state`` (and the data position) from the newest checkpoint that reads cleanly;
+    returns its step, or None when there is none (a fresh start)."""
+    steps = checkpointer.steps()
+    for step in reversed(steps):
+        where = f"checkpoint {checkpointer.step_dir(step)}"
+        try:
+            meta = checkpointer.read_meta(step)
+            check_fits(meta, run.model, where, source=run.config.model)
+            restored = checkpointer.restore(
+                step, params=state.params, opt_state=state.opt_state, rng=state.rng
+            )
+        except CorruptCheckpointError as e:
+            _set_aside(checkpointer, run.run_dir, step, e)
+            continue
+        assert restored.rng is not None  # restore returns the rng template it was given
+        state.params, state.opt_state, state.rng = (
+            restored.params,
+            restored.opt_state,
+            restored.rng,
+        )
+        state.step = restored.step
+        data_state = meta.get("data_state")
+        if data_state is not None:
+            if not hasattr(run.batches, "restore"):
+                raise CheckpointError(
+                    f"{where} records a data position, but the batch iterator cannot restore one"
+                )
+            run.batches.restore(data_state)  # type: ignore[attr-defined]
+        return state.step
+    if steps:
+        raise CheckpointError(
+            f"cannot resume {run.run_dir}: none of its checkpoints {steps} is readable (moved "
+            f"to {run.run_dir / CORRUPT_DIR})"
+        )
+    return None
+
+
+def _record(run: _Run, step: int, metrics: dict, elapsed: float) -> dict[str, Any]:
+    """The logged record of one applied step."""
+    return {
+        "loss": float(metrics["loss"]),
+        "lr": learning_rate(run.optimizer, step),
+        "grad_norm": float(metrics["grad_norm"]),
+        "tokens": int(metrics["tokens"]),
+        "input_tokens": int(metrics["input_tokens"]),
+        "tokens_per_s": float(metrics["input_tokens"]) / max(elapsed, 1e-9),
+        "step_time_s": elapsed,
+        "lambda": {str(i): float(v) for i, v in zip(run.layers, metrics["lambda"])},
+    }
+
+
+def _non_finite(checkpointer: Checkpointer, step: int, metrics: dict) -> NonFiniteLossError:
+    checkpointer.wait()
+    last = checkpointer.latest_step()
+    kept = (
+        f"the last good checkpoint is step {last} ({checkpointer.step_dir(last)})"
+        if last is not None
+        else "no checkpoint was written yet"
+    )
+    return NonFiniteLossError(
+        f"non-finite loss at step {step}: loss={float(metrics['loss'])}, "
+        f"grad_norm={float(metrics['grad_norm'])}; the run stopped without applying this "
+        f"update, and {kept}"
+    )
+
+
+def _save(checkpointer: Checkpointer, run: _Run, state: TrainState, record: dict) -> None:
+    batches = run.batches
+    checkpointer.save(
+        state.step,
+        params=state.params,
+        opt_state=state.opt_state,
+        rng=state.rng,
+        meta={
+            "data_state": batches.state() if hasattr(batches, "state") else None,  # type: ignore[attr-defined]
+            "adapter_config": to_dict(run.adapter_config),
+            "base_model": run.base_record,
+            "train_config": to_dict(run.run_config),
+            "metrics": record,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    )
+
+
+def _run_steps(
+    run: _Run,
+    state: TrainState,
+    checkpointer: Checkpointer,
+    logger: MetricsLogger,
+    bar: tqdm,
+    step_callback: Callable[[TrainState, dict], None] | None,
+) -> list[dict[str, Any]]:
+    """Steps until ``max_steps``: train, check, log, checkpoint; returns the logged records."""
+    config = run.config
+    shape = (config.batch_size, config.data.max_length)
+    logged: list[dict[str, Any]] = []
+    while state.step < config.max_steps:
+        start = time.perf_counter()
+        batch = next(run.batches)
+        _check_batch(batch, state.step + 1, shape, run.model.config.vocab_size)
+        params, opt_state, rng, metrics = train_step(
+            run.graphdef,
+            state.params,
+            state.opt_state,
+            state.rng,
+            run.rest,
+            batch,
+            optimizer=run.optimizer,
+            grad_accum_steps=config.grad_accum_steps,
+        )
+        metrics = jax.device_get(metrics)
+        elapsed = time.perf_counter() - start
+        if not metrics["finite"]:
+            raise _non_finite(checkpointer, state.step + 1, metrics)
+        state.step += 1
+        state.params, state.opt_state, state.rng = params, opt_state, rng
+        record = _record(run, state.step, metrics, elapsed)
+        if state.step % config.log_every == 0 or state.step == config.max_steps:
+            logger.log(state.step, record)
+            logged.append({"step": state.step, **record})
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+        if state.step % config.save_every == 0 or state.step == config.max_steps:
+            _save(checkpointer, run, state, record)
+        if step_callback is not None:
+            step_callback(state, record)
+    return logged
+
+
 def train(
     config: TrainConfig,
     *,
     resume: bool = False,
-    model: nnx.Module | None = None,
-    tokenizer: Any = None,
+    model: LlamaForCausalLM | None = None,
+    tokenizer: Tokenizer | None = None,
     batches: Iterator[dict] | None = None,
     step_callback: Callable[[TrainState, dict], None] | None = None,
     progress: bool = True,
@@ -181,157 +399,36 @@ def train(
     raise to stop the run. A NaN/inf loss raises NonFiniteLossError naming the step; the step is
     not applied and the checkpoints already written stay as they are.
     """
-    config.validate()
-    adapter_config = config.adapter_config()
-    run_config = _resolved(config, adapter_config)
-    run_dir = Path(config.output_dir).expanduser().absolute()
-    _check_run_dir(run_dir, run_config, resume)
-
-    if model is None:
-        from difflora_jax.weights.loading import load_model
-
-        model, loaded = load_model(
-            config.model, dtype=config.dtype, attention_backend=config.attention_backend
-        )
-        tokenizer = loaded if tokenizer is None else tokenizer
-    if getattr(model, "adapter_config", None) is None:
-        apply_adapters(model, adapter_config)
-    elif model.adapter_config != adapter_config:
-        raise ConfigError(
-            f"the model already carries adapters {model.adapter_config}, not the config's "
-            f"method {adapter_config}"
-        )
-    reseed_dropout(model, config.seed)
-    base_record = base_model_record(model, config.model)
-    if batches is None:
-        batches = build_batches(
-            config.data,
-            tokenizer,
-            batch_size=config.batch_size,
-            vocab_size=model.config.vocab_size,
-        )
-    optimizer = config.optimizer_config()
-    graphdef, params, rng, rest = split_for_training(model)
-    opt_state = make_optimizer(optimizer).init(params)
-    layers = lambda_layers(model)
-    shape = (config.batch_size, config.data.max_length)
-
+    run, state = _prepare(config, resume, model, tokenizer, batches)
     # Only now, with model and data ready, does the run directory get written.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_config(run_dir, run_config)
-    checkpointer = Checkpointer(run_dir / CHECKPOINT_DIR, keep=config.keep_checkpoints)
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    _write_config(run.run_dir, run.run_config)
+    checkpointer = Checkpointer(run.run_dir / CHECKPOINT_DIR, keep=config.keep_checkpoints)
     logger = bar = None
-    step = 0
-    resumed_from = None
-    logged: list[dict[str, Any]] = []
     try:
-        latest = checkpointer.latest_step() if resume else None
-        if latest is not None:
-            where = f"checkpoint {checkpointer.step_dir(latest)}"
-            meta = checkpointer.read_meta(latest)
-            check_base_model(meta["base_model"], model, where, source=config.model)
-            saved_adapter = from_dict(AdapterConfig, meta["adapter_config"])
-            if saved_adapter != adapter_config:
-                raise CheckpointError(
-                    f"{where} holds adapters of {saved_adapter}, not the config's {adapter_config}"
-                )
-            restored = checkpointer.restore(latest, params=params, opt_state=opt_state, rng=rng)
-            params, opt_state, rng = restored.params, restored.opt_state, restored.rng
-            step = resumed_from = restored.step
-            data_state = meta.get("data_state")
-            if data_state is not None:
-                if not hasattr(batches, "restore"):
-                    raise CheckpointError(
-                        f"{where} records a data position, but the batch iterator cannot "
-                        "restore one"
-                    )
-                batches.restore(data_state)
-        logger = MetricsLogger(run_dir, step)
+        resumed_from = _resume(checkpointer, run, state) if resume else None
+        logger = MetricsLogger(run.run_dir, state.step)
         bar = tqdm(
             total=config.max_steps,
-            initial=step,
+            initial=state.step,
             desc="train",
             unit="step",
             disable=not progress,
             dynamic_ncols=True,
         )
-        while step < config.max_steps:
-            start = time.perf_counter()
-            batch = next(batches)
-            _check_batch(batch, step + 1, shape, model.config.vocab_size)
-            new_params, new_opt_state, new_rng, metrics = train_step(
-                graphdef,
-                params,
-                opt_state,
-                rng,
-                rest,
-                batch,
-                optimizer=optimizer,
-                grad_accum_steps=config.grad_accum_steps,
-            )
-            metrics = jax.device_get(metrics)
-            elapsed = time.perf_counter() - start
-            step += 1
-            if not metrics["finite"]:
-                checkpointer.wait()
-                last = checkpointer.latest_step()
-                kept = (
-                    f"the last good checkpoint is step {last} ({checkpointer.step_dir(last)})"
-                    if last is not None
-                    else "no checkpoint was written yet"
-                )
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {step}: loss={float(metrics['loss'])}, "
-                    f"grad_norm={float(metrics['grad_norm'])}; the run stopped without applying "
-                    f"this update, and {kept}"
-                )
-            params, opt_state, rng = new_params, new_opt_state, new_rng
-            record = {
-                "loss": float(metrics["loss"]),
-                "lr": learning_rate(optimizer, step),
-                "grad_norm": float(metrics["grad_norm"]),
-                "tokens": int(metrics["tokens"]),
-                "input_tokens": int(metrics["input_tokens"]),
-                "tokens_per_s": float(metrics["input_tokens"]) / max(elapsed, 1e-9),
-                "step_time_s": elapsed,
-                "lambda": {str(i): float(v) for i, v in zip(layers, metrics["lambda"])},
-            }
-            if step % config.log_every == 0 or step == config.max_steps:
-                logger.log(step, record)
-                logged.append({"step": step, **record})
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}")
-            if step % config.save_every == 0 or step == config.max_steps:
-                checkpointer.save(
-                    step,
-                    params=params,
-                    opt_state=opt_state,
-                    rng=rng,
-                    meta={
-                        "data_state": batches.state() if hasattr(batches, "state") else None,
-                        "adapter_config": to_dict(adapter_config),
-                        "base_model": base_record,
-                        "train_config": to_dict(run_config),
-                        "metrics": record,
-                        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    },
-                )
-            if step_callback is not None:
-                state = TrainState(step, params, opt_state, rng)
-                step_callback(state, record)
-                params, opt_state, rng = state.params, state.opt_state, state.rng
+        logged = _run_steps(run, state, checkpointer, logger, bar, step_callback)
     finally:
         checkpointer.close()
         if logger is not None:
             logger.close()
         if bar is not None:
             bar.close()
-    write_back(model, params, rng)
+    write_back(run.model, state.params, state.rng)
     return TrainResult(
-        model=model,
-        tokenizer=tokenizer,
-        run_dir=run_dir,
-        step=step,
+        model=run.model,
+        tokenizer=run.tokenizer,
+        run_dir=run.run_dir,
+        step=state.step,
         metrics=logged,
         resumed_from=resumed_from,
     )

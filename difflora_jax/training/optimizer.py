@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import optax
 
-from difflora_jax.config import OptimizerConfig
+from difflora_jax.training.config import OptimizerConfig
 from difflora_jax.training.schedule import linear_warmup_decay
 
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import jax
 import jax.numpy as jnp
-import optax
+from jax.typing import ArrayLike
 
 
-def linear_warmup_decay(peak_lr: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
+def linear_warmup_decay(
+    peak_lr: float, warmup_steps: int, total_steps: int
+) -> Callable[[ArrayLike], jax.Array]:
     """Linear warmup from 0 to ``peak_lr`` over ``warmup_steps`` updates, then linear decay to 0
     at ``total_steps``: transformers' ``get_linear_schedule_with_warmup`` (open-instruct's).
 
@@ -17,7 +22,7 @@ def linear_warmup_decay(peak_lr: float, warmup_steps: int, total_steps: int) -> 
     decay = float(max(total_steps - warmup_steps, 1))
     total = float(total_steps)
 
-    def schedule(count):
+    def schedule(count: ArrayLike) -> jax.Array:
         k = jnp.asarray(count, jnp.float32)
         rising = peak_lr * k / max(warmup, 1.0)
         falling = peak_lr * jnp.maximum(0.0, (total - k) / decay)

@@ -6,7 +6,7 @@ output, so base weights cannot change), accumulates gradients over micro-batches
 their token counts (equal to one big batch), clips, and applies AdamW.
 
 Loss: ``sum(loss_mask * cross_entropy(logits, targets)) / sum(loss_mask)`` in float32 over the
-whole accumulated batch.
+whole accumulated batch (``difflora_jax.losses``).
 """
 
 from __future__ import annotations
@@ -20,12 +20,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from difflora_jax.config import OptimizerConfig
 from difflora_jax.jit import jit_donating
-from difflora_jax.modeling.adapters import AdapterParam
+from difflora_jax.losses import BATCH_KEYS, batch_loss_sum
+from difflora_jax.modeling.adapters import AdapterParam, lambda_values
+from difflora_jax.training.config import OptimizerConfig
 from difflora_jax.training.optimizer import make_optimizer
-
-BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 
 
 def split_for_training(model: nnx.Module) -> tuple[nnx.GraphDef, dict, dict, dict]:
@@ -40,62 +39,9 @@ def split_for_training(model: nnx.Module) -> tuple[nnx.GraphDef, dict, dict, dic
     return graphdef, params, nnx.to_pure_dict(rng), nnx.to_pure_dict(rest)
 
 
-def write_back(model: nnx.Module, params: dict, rng: dict | None = None) -> None:
-    """Put trained adapter arrays (and the advanced dropout RNG state) into ``model``."""
-    state = nnx.state(model, AdapterParam)
-    nnx.replace_by_pure_dict(state, params)
-    nnx.update(model, state)
-    if rng is not None and jax.tree.leaves(rng):
-        rng_state = nnx.state(model, nnx.RngState)
-        nnx.replace_by_pure_dict(rng_state, rng)
-        nnx.update(model, rng_state)
-
-
-def lambda_layers(model: nnx.Module) -> tuple[int, ...]:
-    """Indices of the layers whose attention is differential (has a lambda)."""
-    return tuple(i for i, layer in enumerate(model.layers) if hasattr(layer.attn, "lambda_value"))
-
-
-def lambda_values(model: nnx.Module) -> jax.Array:
-    """lambda of every differential layer, float32 ``[len(lambda_layers(model))]``."""
-    values = [
-        layer.attn.lambda_value() for layer in model.layers if hasattr(layer.attn, "lambda_value")
-    ]
-    return jnp.stack(values) if values else jnp.zeros((0,), jnp.float32)
-
-
-def token_loss_sum(
-    logits: jax.Array, targets: jax.Array, loss_mask: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """``(sum(loss_mask * cross_entropy), sum(loss_mask))``, float32 scalars."""
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    mask = loss_mask.astype(jnp.float32)
-    return jnp.sum(ce * mask), jnp.sum(mask)
-
-
-def forward(model: nnx.Module, batch: Mapping[str, jax.Array]) -> jax.Array:
-    """Logits ``[batch, length, vocab]`` of a packed batch (segments attend within themselves)."""
-    segment_ids = batch["segment_ids"]
-    return model(
-        batch["input_ids"],
-        segment_ids > 0,
-        positions=batch["positions"],
-        segment_ids=segment_ids,
-    )
-
-
-def batch_loss(model: nnx.Module, batch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
-    """``(mean loss over loss tokens, loss tokens)`` of ``model`` as it is (no dropout unless the
-    caller passes a training view); the reference the train step is tested against."""
-    batch = {k: jnp.asarray(batch[k]) for k in BATCH_KEYS}
-    loss_sum, tokens = token_loss_sum(forward(model, batch), batch["targets"], batch["loss_mask"])
-    return loss_sum / jnp.maximum(tokens, 1.0), tokens
-
-
 def _micro_loss_sum(params, rng, rest, batch, graphdef):
     model = nnx.merge(graphdef, params, rng, rest)
-    loss_sum, _ = token_loss_sum(forward(model, batch), batch["targets"], batch["loss_mask"])
-    return loss_sum, nnx.to_pure_dict(nnx.state(model, nnx.RngState))
+    return batch_loss_sum(model, batch), nnx.to_pure_dict(nnx.state(model, nnx.RngState))
 
 
 def compute_gradients(
@@ -145,7 +91,7 @@ def compute_gradients(
 
 def _select(ok: jax.Array, new: Any, old: Any) -> Any:
     def pick(n, o):
-        if jax.dtypes.issubdtype(n.dtype, jax.dtypes.prng_key):
+        if jnp.issubdtype(n.dtype, jax.dtypes.prng_key):
             return n  # keys never change; only the counts advance
         return jnp.where(ok, n, o)
 

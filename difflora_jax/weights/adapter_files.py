@@ -5,8 +5,7 @@
 * ``params_to_tensors`` / ``tensors_to_params``: our flat ``{dotted path: array}`` adapters
   <-> a file's ``{name: (out, in) tensor}``, the second validating every name, shape, dtype
   and value (missing, extra, wrong shape: a CheckpointError naming the tensor and both shapes);
-* ``read_safetensors`` / ``write_safetensors``; ``hf_llama_config``: a Llama ``config.json``
-  dict of a ModelConfig;
+* ``read_json`` / ``write_json``;
 * ``staged_directory``: write a directory under a temporary name next to it and rename it at
   the end, so that a failure leaves nothing behind.
 """
@@ -24,40 +23,14 @@ from typing import Any
 
 import ml_dtypes  # also registers bfloat16 with numpy, for bfloat16 safetensors
 import numpy as np
-from flax import nnx
 
 from difflora_jax.config import AdapterConfig, ModelConfig
 from difflora_jax.errors import CheckpointError
+from difflora_jax.modeling.adapters import adapter_shapes
 from difflora_jax.weights.layout import TensorMap
-
-SAFETENSORS_METADATA = {
-    "format": "pt"
-}  # what torch's save_pretrained writes; transformers checks it
-
 
 # ---------------------------------------------------------------------------------------------
 # the adapter parameters of a config pair
-
-
-def abstract_adapted_model(model_config: ModelConfig, adapter: AdapterConfig):
-    """A model of ``model_config`` carrying ``adapter``, shapes only (nothing is computed)."""
-    from difflora_jax.modeling.adapters import apply_adapters
-    from difflora_jax.modeling.llama import LlamaForCausalLM
-
-    return nnx.eval_shape(
-        lambda: apply_adapters(LlamaForCausalLM(model_config, rngs=nnx.Rngs(0)), adapter)
-    )
-
-
-def adapter_shapes(model_config: ModelConfig, adapter: AdapterConfig) -> dict[str, tuple]:
-    """``{"layers.0.attn.q_proj.lora.a": (64, 4), ...}``: every adapter parameter's shape."""
-    from difflora_jax.modeling.adapters import AdapterParam
-
-    model = abstract_adapted_model(model_config, adapter)
-    return {
-        ".".join(str(p) for p in path): tuple(variable.get_value().shape)
-        for path, variable in nnx.to_flat_state(nnx.state(model, AdapterParam))
-    }
 
 
 def input_axes(path: str, shape: tuple[int, ...]) -> int:
@@ -169,85 +142,6 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-def read_safetensors(path: Path, what: str) -> dict[str, np.ndarray]:
-    """Every tensor of one safetensors file, as numpy (never a pickle)."""
-    from safetensors import safe_open
-
-    if not path.is_file():
-        pickles = sorted(p.name for p in path.parent.glob("*.bin"))
-        hint = f" (found {pickles}: pickle files are never loaded)" if pickles else ""
-        raise CheckpointError(f"{path.parent} has no {path.name}; is it {what}?{hint}")
-    try:
-        with safe_open(path, framework="numpy") as f:
-            return {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
-
-
-def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
-    from safetensors.numpy import save_file
-
-    save_file(
-        {k: np.ascontiguousarray(v) for k, v in tensors.items()},
-        str(path),
-        metadata=SAFETENSORS_METADATA,
-    )
-
-
-def hf_llama_config(config: ModelConfig) -> dict[str, Any]:
-    """A Hugging Face Llama ``config.json`` (float32 weights) describing ``config``.
-
-    RoPE is written in the ``rope_theta`` / ``rope_scaling`` form, which transformers 4 (the
-    reference DiffLoRA code) and 5 both read. Per-frequency factors of a GGUF file
-    (``rope_freq_factors``) have no ``config.json`` form: a CheckpointError.
-    """
-    if config.rope_freq_factors is not None:
-        raise CheckpointError(
-            "this base model carries per-frequency RoPE factors (rope_freqs of a GGUF file), "
-            "which a Hugging Face config.json cannot express; use the model's Hugging Face "
-            "directory as the base model"
-        )
-    hf: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.num_kv_heads,
-        "head_dim": config.head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": config.rms_norm_eps,
-        "rope_theta": config.rope_theta,
-        "rope_scaling": None,
-        "max_position_embeddings": config.max_position_embeddings,
-        "tie_word_embeddings": config.tie_word_embeddings,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": (
-            None
-            if not config.eos_token_ids
-            else config.eos_token_ids[0]
-            if len(config.eos_token_ids) == 1
-            else list(config.eos_token_ids)
-        ),
-        "pad_token_id": config.pad_token_id,
-        "torch_dtype": "float32",
-    }
-    if config.rope_scaling is not None:
-        rs = config.rope_scaling
-        hf["rope_scaling"] = {"rope_type": rs.rope_type, "factor": rs.factor}
-        if rs.rope_type == "llama3":
-            hf["rope_scaling"].update(
-                low_freq_factor=rs.low_freq_factor,
-                high_freq_factor=rs.high_freq_factor,
-                original_max_position_embeddings=rs.original_max_position_embeddings,
-            )
-    return hf
 
 
 # ---------------------------------------------------------------------------------------------

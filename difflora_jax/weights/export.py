@@ -18,8 +18,8 @@ checks it is the one the adapters were trained on.
 Import reads a PEFT or reference directory, builds the AdapterConfig from its config, checks
 every tensor's name and shape against the base model (``model``; by default the base model the
 file names: PEFT's ``base_model_name_or_path``, the reference config's ``_name_or_path``), and
-writes an adapter checkpoint of step 0 (adapters, a fresh optimizer state, the base-model
-record) that ``load_adapter`` and ``load_model(base, adapter=...)`` accept.
+writes an adapter checkpoint of step 0 (the adapters, their AdapterConfig and the base-model
+record; no optimizer state) that ``load_adapter`` and ``load_model(base, adapter=...)`` accept.
 
 Both write into a temporary directory next to ``out`` and rename it at the end: on any error
 nothing is left at ``out``, and an existing non-empty ``out`` is refused.
@@ -27,59 +27,27 @@ nothing is left at ``out``, and an existing non-empty ``out`` is refused.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
-from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from difflora_jax.config import AdapterConfig, ModelConfig, OptimizerConfig, from_dict, to_dict
-from difflora_jax.errors import AssetNotFoundError, CheckpointError, ConfigError
-from difflora_jax.weights.adapter_files import (
-    abstract_adapted_model,
-    check_output,
-    staged_directory,
+from difflora_jax.adapter_checkpoint import (
+    read_adapter_checkpoint,
+    read_checkpoint_meta,
+    save_adapter_checkpoint,
 )
+from difflora_jax.errors import AssetNotFoundError, CheckpointError, ConfigError
+from difflora_jax.modeling.adapters import AdapterParam, apply_adapters
+from difflora_jax.modeling.llama import LlamaForCausalLM
+from difflora_jax.weights import peft_format, reference_format
+from difflora_jax.weights.adapter_files import check_output, staged_directory
+from difflora_jax.weights.loading import load_model, resolve_source
+from difflora_jax.weights.merge import merged_params, write_merged
 
 EXPORT_FORMATS = ("peft", "reference", "merged")
 IMPORT_FORMATS = ("peft", "reference")
-
-
-@dataclasses.dataclass
-class AdapterCheckpoint:
-    """An adapter checkpoint read without base weights."""
-
-    adapter: AdapterConfig
-    model_config: ModelConfig
-    params: dict[str, np.ndarray]  # flat dotted path -> float32 array
-    meta: dict[str, Any]
-    where: Path
-
-
-def read_adapter_checkpoint(checkpoint: str | os.PathLike) -> AdapterCheckpoint:
-    """The adapters, AdapterConfig and base ModelConfig of a checkpoint (no base weights read)."""
-    from difflora_jax.modeling.adapters import AdapterParam
-    from difflora_jax.training.checkpoint import Checkpointer, flatten, locate_checkpoint
-
-    directory, step = locate_checkpoint(checkpoint)
-    with Checkpointer(directory, create=False) as checkpointer:
-        meta = checkpointer.read_meta(step)
-        where = checkpointer.step_dir(int(meta["step"]))
-        try:
-            adapter = from_dict(AdapterConfig, meta["adapter_config"], where="adapter_config")
-            model_config = from_dict(
-                ModelConfig, (meta["base_model"] or {}).get("config"), where="base_model.config"
-            )
-        except ConfigError as e:
-            raise CheckpointError(f"checkpoint {where}: invalid record: {e}") from e
-        model = abstract_adapted_model(model_config, adapter)
-        template = nnx.to_pure_dict(nnx.state(model, AdapterParam))
-        restored = checkpointer.restore(int(meta["step"]), params=template)
-    params = {name: np.asarray(x, np.float32) for name, x in flatten(restored.params).items()}
-    return AdapterCheckpoint(adapter, model_config, params, restored.meta, where)
 
 
 def _base_source(model: str | os.PathLike | None, recorded: str | None, what: str) -> str:
@@ -97,9 +65,7 @@ def _name_for_file(source: str | None) -> str | None:
     return str(path.absolute()) if path.exists() else str(source)
 
 
-def _load_base(source: str, what: str):
-    from difflora_jax.weights.loading import load_model
-
+def _load_base(source: str, what: str) -> LlamaForCausalLM:
     try:
         return load_model(source, dtype="float32", with_tokenizer=False)[0]
     except AssetNotFoundError as e:
@@ -121,8 +87,6 @@ def export_adapter(
     out = check_output(out, "export")
     if format == "merged":
         return _export_merged(checkpoint, out, model)
-    from difflora_jax.weights import peft_format, reference_format
-
     ckpt = read_adapter_checkpoint(checkpoint)
     base_name = _name_for_file(
         str(model) if model is not None else ckpt.meta["base_model"].get("source")
@@ -139,10 +103,6 @@ def export_adapter(
 
 
 def _export_merged(checkpoint, out: Path, model) -> Path:
-    from difflora_jax.training.checkpoint import read_checkpoint_meta
-    from difflora_jax.weights.loading import load_model, resolve_source
-    from difflora_jax.weights.merge import merged_params, write_merged
-
     meta = read_checkpoint_meta(checkpoint)
     where = f"checkpoint {checkpoint}"
     source = _base_source(model, meta["base_model"].get("source"), where)
@@ -173,8 +133,6 @@ def import_adapter(
     """Read the ``format`` (``peft`` or ``reference``) adapter directory ``path`` and write an
     adapter checkpoint to ``out`` for the base model ``model`` (default: the one the file
     names); returns ``out``."""
-    from difflora_jax.weights import peft_format, reference_format
-
     if format not in IMPORT_FORMATS:
         raise ConfigError(f"import format {format!r} is not supported; allowed: {IMPORT_FORMATS}")
     out = check_output(out, "import")
@@ -189,60 +147,21 @@ def import_adapter(
     base = _load_base(source, str(directory))
     reader = peft_format.read_peft if format == "peft" else reference_format.read_reference
     adapter, params = reader(directory, base.config)
-    with staged_directory(out, "import") as staging:
-        write_adapter_checkpoint(
-            base,
-            adapter,
-            params,
-            staging,
-            source=_name_for_file(source),
-            extra_meta={"imported_from": {"format": format, "path": str(directory)}},
-        )
-    return out
-
-
-def write_adapter_checkpoint(
-    model,
-    adapter: AdapterConfig,
-    params: dict[str, np.ndarray],
-    directory: Path,
-    *,
-    source: str | None,
-    step: int = 0,
-    extra_meta: dict[str, Any] | None = None,
-) -> None:
-    """Put ``params`` (flat dotted paths) as ``adapter`` onto the base ``model`` (in place) and
-    save a checkpoint of ``step`` into ``directory``: the adapters, a fresh optimizer state
-    (default OptimizerConfig), the dropout RNG state and the base-model record."""
-    from difflora_jax.modeling.adapters import AdapterParam, apply_adapters
-    from difflora_jax.training.checkpoint import Checkpointer, base_model_record
-    from difflora_jax.training.optimizer import make_optimizer
-    from difflora_jax.training.step import split_for_training
-
-    apply_adapters(model, adapter)
+    apply_adapters(base, adapter)
     variables = {
         ".".join(str(p) for p in path): node
-        for path, node in nnx.iter_graph(model)
+        for path, node in nnx.iter_graph(base)
         if isinstance(node, AdapterParam)
     }
     if set(variables) != set(params):
         raise AssertionError("the imported tensors do not cover the model's adapters exactly")
     for name, variable in variables.items():
         variable.set_value(jnp.asarray(params[name], jnp.float32))
-    _, trainable, rng, _ = split_for_training(model)
-    opt_state = make_optimizer(OptimizerConfig()).init(trainable)
-    record = base_model_record(model, source)
-    meta = {
-        "adapter_config": to_dict(adapter),
-        "base_model": record,
-        "data_state": None,
-        **(extra_meta or {}),
-    }
-    with Checkpointer(directory, async_save=False) as checkpointer:
-        checkpointer.save(
-            step,
-            params=trainable,
-            opt_state=opt_state,
-            rng=rng,
-            meta=meta,
+    with staged_directory(out, "import") as staging:
+        save_adapter_checkpoint(
+            base,
+            staging,
+            source=_name_for_file(source),
+            extra_meta={"imported_from": {"format": format, "path": str(directory)}},
         )
+    return out

@@ -1,6 +1,7 @@
 """The mapping between our parameter paths and Hugging Face Llama tensor names.
 
-One table serves loading (HF ``(out, in)`` -> ours) and, later, export (ours -> HF).
+One table serves loading (HF ``(out, in)`` -> ours) and the merged export (ours -> HF); the
+adapter formats (PEFT, reference DiffLoRA) build theirs from the same ``TensorMap``.
 """
 
 from __future__ import annotations

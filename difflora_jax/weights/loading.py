@@ -11,12 +11,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.typing import DTypeLike
 
-from difflora_jax.config import ModelConfig
+from difflora_jax.adapter_checkpoint import load_adapter
+from difflora_jax.catalog import load_method, model_names, model_shape
+from difflora_jax.config import AdapterConfig, ModelConfig
 from difflora_jax.errors import AssetNotFoundError, CheckpointError, ConfigError
+from difflora_jax.modeling.adapters import apply_adapters
 from difflora_jax.modeling.attention import BACKENDS
 from difflora_jax.modeling.llama import LlamaForCausalLM
+from difflora_jax.protocols import Tokenizer
+from difflora_jax.weights.gguf_io import model_config_from_gguf, open_gguf, read_gguf_tensors
+from difflora_jax.weights.hf_config import read_hf_config
 from difflora_jax.weights.layout import hf_layout
+from difflora_jax.weights.safetensors_io import SafetensorsCheckpoint
+from difflora_jax.weights.tokenizer import tokenizer_from_directory, tokenizer_from_gguf
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -74,14 +83,13 @@ def resolve_source(source: str | os.PathLike) -> Path:
 
 
 def read_model_config(source: str | os.PathLike) -> ModelConfig:
-    """The ModelConfig of a checkpoint, from its metadata alone (no tensors are read)."""
+    """The ModelConfig of a named shape (``llama-3.2-1b``, see ``catalog``) or of a checkpoint,
+    from its metadata alone (no tensors are read)."""
+    if str(source) in model_names():
+        return model_shape(str(source))
     path = resolve_source(source)
     if path.suffix == ".gguf":
-        from difflora_jax.weights.gguf_io import model_config_from_gguf, open_gguf
-
         return model_config_from_gguf(open_gguf(path), path)
-    from difflora_jax.weights.safetensors_io import read_hf_config
-
     return read_hf_config(path)
 
 
@@ -143,7 +151,7 @@ def build_model(
     return model
 
 
-def _dtype(dtype: str) -> jnp.dtype:
+def _dtype(dtype: str) -> DTypeLike:
     if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
     if any(dtype == value for value in DTYPES.values()):
@@ -157,8 +165,8 @@ def load_model(
     *,
     attention_backend: str = "xla",
     with_tokenizer: bool = True,
-    adapter=None,
-):
+    adapter: AdapterConfig | str | os.PathLike | None = None,
+) -> tuple[LlamaForCausalLM, Tokenizer | None]:
     """Load ``(model, tokenizer)`` from a HF directory, a ``.gguf`` file or an alias.
 
     HF directories hold ``config.json`` and ``model.safetensors`` (or a sharded index); no
@@ -173,21 +181,11 @@ def load_model(
     _dtype(dtype)
     path = resolve_source(source)
     if path.suffix == ".gguf":
-        from difflora_jax.weights.gguf_io import (
-            model_config_from_gguf,
-            open_gguf,
-            read_gguf_tensors,
-        )
-        from difflora_jax.weights.tokenizer import tokenizer_from_gguf
-
         reader = open_gguf(path)
         config = model_config_from_gguf(reader, path)
         tensors = read_gguf_tensors(reader, config, path)
         tokenizer = tokenizer_from_gguf(reader, path) if with_tokenizer else None
     else:
-        from difflora_jax.weights.safetensors_io import SafetensorsCheckpoint, read_hf_config
-        from difflora_jax.weights.tokenizer import tokenizer_from_directory
-
         config = read_hf_config(path)
         tensors = SafetensorsCheckpoint(path)
         tokenizer = tokenizer_from_directory(path) if with_tokenizer else None
@@ -195,21 +193,26 @@ def load_model(
         config, tensors, dtype=dtype, attention_backend=attention_backend, source=str(path)
     )
     if adapter is not None:
-        model = _attach_adapter(model, adapter)
+        model = attach_adapter(model, adapter)
     jax.block_until_ready(nnx.state(model))
     return model, tokenizer
 
 
-def _attach_adapter(model: LlamaForCausalLM, adapter) -> LlamaForCausalLM:
-    from difflora_jax.config import AdapterConfig
-    from difflora_jax.methods import load_method
-    from difflora_jax.modeling.adapters import apply_adapters
-
+def attach_adapter(
+    model: LlamaForCausalLM, adapter: AdapterConfig | str | os.PathLike
+) -> LlamaForCausalLM:
+    """Fresh adapters of an AdapterConfig, a methods YAML or a method name; or the trained ones
+    of a checkpoint directory."""
     if isinstance(adapter, AdapterConfig):
         return apply_adapters(model, adapter)
-    path = Path(adapter)
+    path = Path(adapter).expanduser()
     if path.is_dir():
-        from difflora_jax.training.checkpoint import load_adapter
-
         return load_adapter(model, path)
-    return apply_adapters(model, load_method(adapter))
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        return apply_adapters(model, load_method(path))
+    text = str(adapter)
+    if os.sep in text or text.startswith((".", "~")) or (os.altsep and os.altsep in text):
+        raise CheckpointError(
+            f"adapter {text!r}: no such directory (an adapter checkpoint) or file (a methods YAML)"
+        )
+    return apply_adapters(model, load_method(text))

@@ -23,9 +23,13 @@ import numpy as np
 from flax import nnx
 
 from difflora_jax.errors import CheckpointError
+from difflora_jax.modeling.adapters import is_differential
 from difflora_jax.modeling.llama import LlamaForCausalLM, Projection
-from difflora_jax.weights.adapter_files import hf_llama_config, write_json, write_safetensors
+from difflora_jax.protocols import Tokenizer
+from difflora_jax.weights.adapter_files import write_json
+from difflora_jax.weights.hf_config import hf_llama_config
 from difflora_jax.weights.layout import hf_layout
+from difflora_jax.weights.safetensors_io import write_safetensors
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -37,7 +41,7 @@ def _unfoldable(model: LlamaForCausalLM) -> list[str]:
     problems = []
     for i, layer in enumerate(model.layers):
         attn = layer.attn
-        if not hasattr(attn, "lambda_value"):
+        if not is_differential(attn):
             continue
         lam = float(attn.lambda_value())
         if lam != 0.0:
@@ -76,9 +80,7 @@ def merged_params(model: LlamaForCausalLM) -> dict[str, np.ndarray]:
         if not isinstance(node, Projection) or node.lora is None:
             continue
         name = ".".join(str(p) for p in path) + ".kernel"
-        a = np.asarray(node.lora.a.get_value(), np.float64)
-        b = np.asarray(node.lora.b.get_value(), np.float64)
-        delta = node.lora.scale * np.tensordot(a, b, axes=1)
+        delta = np.asarray(node.lora.delta(), np.float64)
         params[name] = (params[name].astype(np.float64) + delta).astype(np.float32)
     return params
 
@@ -88,7 +90,7 @@ def write_merged(
     directory: Path,
     *,
     params: dict[str, np.ndarray] | None = None,
-    tokenizer=None,
+    tokenizer: Tokenizer | None = None,
     base_directory: Path | None = None,
 ) -> dict[str, np.ndarray]:
     """Write the merged model into ``directory`` as a Hugging Face Llama checkpoint

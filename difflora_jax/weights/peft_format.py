@@ -25,37 +25,35 @@ base model.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from difflora_jax.config import LORA_TARGETS, AdapterConfig, ModelConfig
+from difflora_jax.config import LORA_TARGETS, AdapterConfig, ModelConfig, from_dict
 from difflora_jax.errors import CheckpointError, ConfigError
+from difflora_jax.modeling.adapters import LORA_TARGET_MODULES
 from difflora_jax.weights.adapter_files import (
     adapter_layout,
     params_to_tensors,
     read_json,
-    read_safetensors,
     tensors_to_params,
     write_json,
-    write_safetensors,
 )
 from difflora_jax.weights.layout import TensorMap
+from difflora_jax.weights.safetensors_io import read_safetensors, write_safetensors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model.model.layers."
+# transformers' name of a block inside a Llama layer, where ours differs
+_TORCH_BLOCK = {"attn": "self_attn"}
 # our target name -> (our module path inside a layer, the torch module path inside a layer)
 MODULES = {
-    "q": ("attn.q_proj", "self_attn.q_proj"),
-    "k": ("attn.k_proj", "self_attn.k_proj"),
-    "v": ("attn.v_proj", "self_attn.v_proj"),
-    "o": ("attn.o_proj", "self_attn.o_proj"),
-    "gate": ("mlp.gate_proj", "mlp.gate_proj"),
-    "up": ("mlp.up_proj", "mlp.up_proj"),
-    "down": ("mlp.down_proj", "mlp.down_proj"),
+    target: (f"{block}.{name}", f"{_TORCH_BLOCK.get(block, block)}.{name}")
+    for target, (block, name) in LORA_TARGET_MODULES.items()
 }
 _TORCH_OF_OURS = {ours: torch for ours, torch in MODULES.values()}
 # init_lora_weights values that only choose a starting point (anything else, e.g. "pissa",
@@ -135,31 +133,31 @@ def peft_config(adapter: AdapterConfig, base_model_name_or_path: str | None) -> 
     }
 
 
-def _module_targets(
-    value: Any, layers: list[int] | None, num_layers: int, where: str
-) -> tuple[tuple[str, ...], tuple[int, ...]]:
-    """``(targets, adapted layers)`` of PEFT's ``target_modules`` (names matched as suffixes of
-    module paths such as ``model.layers.3.self_attn.q_proj``, a regular expression matched
-    against the whole path, or ``"all-linear"``) and ``layers_to_transform``."""
-    import re
+def _module_key(i: int, target: str) -> str:
+    """The torch module path of ``target`` in layer ``i``: ``model.layers.3.self_attn.q_proj``."""
+    return f"model.layers.{i}.{MODULES[target][1]}"
 
-    def key(i: int, target: str) -> str:
-        return f"model.layers.{i}.{MODULES[target][1]}"
 
+def _selected_modules(value: Any, num_layers: int, where: str) -> set[tuple[int, str]]:
+    """The ``(layer, target)`` pairs PEFT's ``target_modules`` selects: names matched as
+    suffixes of module paths, a regular expression matched against the whole path, or
+    ``"all-linear"``."""
     keys = [(i, t) for i in range(num_layers) for t in MODULES]
     if value == "all-linear":  # PEFT: every linear layer but the output head
-        chosen = set(keys)
-    elif isinstance(value, str):
+        return set(keys)
+    if isinstance(value, str):
         try:
             pattern = re.compile(value)
         except re.error as e:
             raise CheckpointError(f"{where}: target_modules={value!r} is not a regex: {e}") from e
-        chosen = {(i, t) for i, t in keys if pattern.fullmatch(key(i, t))}
-    elif isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-        chosen = set()
+        return {(i, t) for i, t in keys if pattern.fullmatch(_module_key(i, t))}
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        chosen: set[tuple[int, str]] = set()
         for entry in value:
             found = {
-                (i, t) for i, t in keys if key(i, t) == entry or key(i, t).endswith("." + entry)
+                (i, t)
+                for i, t in keys
+                if _module_key(i, t) == entry or _module_key(i, t).endswith("." + entry)
             }
             if not found:
                 raise CheckpointError(
@@ -168,11 +166,19 @@ def _module_targets(
                     f"this {num_layers}-layer model; only they carry our LoRA adapters"
                 )
             chosen |= found
-    else:
-        raise CheckpointError(
-            f"{where}: target_modules={value!r}; expected module names, a regular expression "
-            "or 'all-linear'"
-        )
+        return chosen
+    raise CheckpointError(
+        f"{where}: target_modules={value!r}; expected module names, a regular expression "
+        "or 'all-linear'"
+    )
+
+
+def _module_targets(
+    value: Any, layers: list[int] | None, num_layers: int, where: str
+) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """``(targets, adapted layers)`` of PEFT's ``target_modules`` (see ``_selected_modules``)
+    and ``layers_to_transform``."""
+    chosen = _selected_modules(value, num_layers, where)
     if layers is not None:
         bad = [i for i in layers if not 0 <= i < num_layers]
         if bad:
@@ -200,11 +206,9 @@ def _module_targets(
     return targets, tuple(sorted(per_layer))
 
 
-def adapter_config_from_peft(
-    data: Mapping[str, Any], num_layers: int, where: str = CONFIG_FILE
-) -> AdapterConfig:
-    """Our AdapterConfig of a PEFT ``adapter_config.json`` for a base model of ``num_layers``
-    layers; a CheckpointError naming the field for anything our LoRA cannot express."""
+def _check_plain_lora(data: Mapping[str, Any], where: str) -> None:
+    """CheckpointError unless ``data`` is a causal-LM LoRA without PEFT's extras (DoRA,
+    biases, patterns, saved modules...)."""
     peft_type = data.get("peft_type")
     if peft_type != "LORA":
         raise CheckpointError(f"{where}: peft_type={peft_type!r}; only 'LORA' adapters import")
@@ -221,13 +225,10 @@ def adapter_config_from_peft(
             )
     if data.get("bias", "none") != "none":
         raise CheckpointError(f"{where}: bias={data['bias']!r}; only bias='none' is supported")
-    init = data.get("init_lora_weights", True)
-    if not isinstance(init, (bool, str)) or init not in _INIT_ONLY:
-        raise CheckpointError(
-            f"{where}: init_lora_weights={init!r} is not supported: it changes the base "
-            "weights, which the adapter file does not carry (convert the adapter to plain LoRA "
-            "with PEFT first)"
-        )
+
+
+def _peft_layers(data: Mapping[str, Any], where: str) -> list[int] | None:
+    """``layers_to_transform`` as a list of layer indices (None: every layer)."""
     pattern = data.get("layers_pattern")
     if pattern not in (None, "layers", ["layers"]):
         raise CheckpointError(
@@ -241,6 +242,23 @@ def adapter_config_from_peft(
         or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
     ):
         raise CheckpointError(f"{where}: layers_to_transform={layers!r}; expected layer indices")
+    return layers
+
+
+def adapter_config_from_peft(
+    data: Mapping[str, Any], num_layers: int, where: str = CONFIG_FILE
+) -> AdapterConfig:
+    """Our AdapterConfig of a PEFT ``adapter_config.json`` for a base model of ``num_layers``
+    layers; a CheckpointError naming the field for anything our LoRA cannot express."""
+    _check_plain_lora(data, where)
+    init = data.get("init_lora_weights", True)
+    if not isinstance(init, (bool, str)) or init not in _INIT_ONLY:
+        raise CheckpointError(
+            f"{where}: init_lora_weights={init!r} is not supported: it changes the base "
+            "weights, which the adapter file does not carry (convert the adapter to plain LoRA "
+            "with PEFT first)"
+        )
+    layers = _peft_layers(data, where)
     for field in ("r", "lora_alpha"):
         if field not in data:
             raise CheckpointError(f"{where} lacks the field {field!r}")
@@ -255,8 +273,6 @@ def adapter_config_from_peft(
         layers=None if adapted == tuple(range(num_layers)) else adapted,
         targets=targets,
     )
-    from difflora_jax.config import from_dict
-
     try:
         return from_dict(AdapterConfig, fields, where=where)
     except ConfigError as e:

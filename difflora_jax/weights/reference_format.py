@@ -47,20 +47,19 @@ from typing import Any
 
 import numpy as np
 
-from difflora_jax.config import AdapterConfig, ModelConfig, model_config_from_hf
+from difflora_jax.adapter_checkpoint import BASE_FIELDS
+from difflora_jax.config import AdapterConfig, ModelConfig
 from difflora_jax.errors import CheckpointError, ConfigError
-from difflora_jax.training.checkpoint import BASE_FIELDS
 from difflora_jax.weights.adapter_files import (
     adapter_layout,
-    hf_llama_config,
     params_to_tensors,
     read_json,
-    read_safetensors,
     tensors_to_params,
     write_json,
-    write_safetensors,
 )
+from difflora_jax.weights.hf_config import hf_llama_config, model_config_from_hf
 from difflora_jax.weights.layout import TensorMap
+from difflora_jax.weights.safetensors_io import read_safetensors, write_safetensors
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -192,6 +191,8 @@ def reference_config(
         # 0.0: the schedule, as in lambda_init_for (None and 0 both mean it when learned)
         lam = 0.0 if adapter.lambda_init is None else float(adapter.lambda_init)
     else:
+        if adapter.lambda_init is None:  # AdapterConfig.validate refuses this too
+            raise CheckpointError("a fixed lambda (lambda_mode 'fixed') needs lambda_init")
         lam = float(adapter.lambda_init)
     config = hf_llama_config(model_config)
     config.update(
@@ -259,11 +260,8 @@ def _number_field(data: Mapping[str, Any], field: str, where: str) -> float:
     return value
 
 
-def adapter_config_from_reference(
-    data: Mapping[str, Any], num_layers: int, where: str = CONFIG_FILE
-) -> AdapterConfig:
-    """Our AdapterConfig of a reference ``config.json`` (absent fields take that code's
-    defaults); a CheckpointError naming the field for what we cannot express."""
+def _reference_flags(data: Mapping[str, Any], where: str) -> dict[str, bool]:
+    """The reference config's boolean fields (``_FLAGS``), refusing what we cannot express."""
     known = set(DEFAULTS) - {"diff_attn_implementation"}
     if data.get("model_type") != MODEL_TYPE and not known & set(data):
         raise CheckpointError(
@@ -281,73 +279,100 @@ def adapter_config_from_reference(
             f"{where}: negative_term_lora_only and negative_term_full_dim are both true "
             "(the reference code refuses this too)"
         )
+    return flags
+
+
+def _reference_rank(data: Mapping[str, Any], where: str) -> int:
     rank = data.get("attention_lora_r", DEFAULTS["attention_lora_r"])
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise CheckpointError(f"{where}: attention_lora_r={rank!r}; expected a positive integer")
-    alpha = _number_field(data, "attention_lora_alpha", where)
-    dropout = _number_field(data, "attention_lora_dropout", where)
+    return rank
 
+
+def _reference_layers(data: Mapping[str, Any], num_layers: int, where: str) -> list[int]:
+    """The adapted layers, sorted: that code adapts layer i when ``i in layers_to_transform``,
+    so indices outside the model are ignored."""
     layers = data.get("layers_to_transform", DEFAULTS["layers_to_transform"])
     if not isinstance(layers, list) or not all(
         isinstance(i, int) and not isinstance(i, bool) for i in layers
     ):
         raise CheckpointError(f"{where}: layers_to_transform={layers!r}; expected layer indices")
-    # that code adapts layer i when ``i in layers_to_transform``: other indices are ignored
     adapted = sorted({i for i in layers if 0 <= i < num_layers})
     if not adapted:
         raise CheckpointError(
             f"{where}: layers_to_transform={layers!r} names none of the model's {num_layers} layers"
         )
+    return adapted
 
+
+def _reference_lambda(
+    data: Mapping[str, Any], learned: bool, adapted: list[int], num_layers: int, where: str
+) -> tuple[str, float | None]:
+    """``(lambda_mode, lambda_init)`` of ``diff_attn_lambda``: learned (0 means the schedule,
+    our None), or one fixed constant (a per-layer list must agree on the adapted layers)."""
     lam = data.get("diff_attn_lambda", DEFAULTS["diff_attn_lambda"])
-    if flags["learn_lambda"]:
+    if learned:
         if isinstance(lam, bool) or not isinstance(lam, (int, float)):
             raise CheckpointError(
                 f"{where}: diff_attn_lambda={lam!r} with learn_lambda; expected one number "
                 "(the reference code fails on a list when lambda is learned)"
             )
-        lambda_mode, lambda_init = "learned", (None if lam == 0 else float(lam))
-    else:
-        if isinstance(lam, list):
-            if len(lam) != num_layers:
-                raise CheckpointError(
-                    f"{where}: diff_attn_lambda lists {len(lam)} values for {num_layers} layers"
-                )
-            values = {lam[i] for i in adapted}
-            if len(values) != 1:
-                raise CheckpointError(
-                    f"{where}: diff_attn_lambda gives the adapted layers different fixed "
-                    f"lambdas {sorted(values)}; our fixed lambda is one constant"
-                )
-            lam = values.pop()
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)):
-            raise CheckpointError(f"{where}: diff_attn_lambda={lam!r}; expected a number")
-        lambda_mode, lambda_init = "fixed", float(lam)
+        return "learned", (None if lam == 0 else float(lam))
+    if isinstance(lam, list):
+        if len(lam) != num_layers:
+            raise CheckpointError(
+                f"{where}: diff_attn_lambda lists {len(lam)} values for {num_layers} layers"
+            )
+        values = {lam[i] for i in adapted}
+        if len(values) != 1:
+            raise CheckpointError(
+                f"{where}: diff_attn_lambda gives the adapted layers different fixed "
+                f"lambdas {sorted(values)}; our fixed lambda is one constant"
+            )
+        lam = values.pop()
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+        raise CheckpointError(f"{where}: diff_attn_lambda={lam!r}; expected a number")
+    return "fixed", float(lam)
 
+
+def _reference_negative_term(flags: Mapping[str, bool]) -> str:
     if flags["negative_term_full_dim"]:
-        negative_term = "full"
-    elif flags["negative_term_lora_only"]:
-        negative_term = "adapters"
-    else:
-        negative_term = "base_plus_adapters"
-    fields = dict(
-        method="difflora",
-        rank=rank,
-        alpha=float(alpha),
-        dropout=float(dropout),
-        layers=None if adapted == list(range(num_layers)) else tuple(adapted),
-        positive_term=not flags["lora_negative_term_only"],
-        negative_term=negative_term,
-        lambda_mode=lambda_mode,
-        lambda_init=lambda_init,
-        group_norm=flags["groupnorm"],
-        lora_v=flags["lora_v"],
-        lora_o=flags["lora_o"],
-        lora_mlp=flags["lora_mlp"],
-        relu_on_differential=flags["relu_on_differential"],
+        return "full"
+    if flags["negative_term_lora_only"]:
+        return "adapters"
+    return "base_plus_adapters"
+
+
+def adapter_config_from_reference(
+    data: Mapping[str, Any], num_layers: int, where: str = CONFIG_FILE
+) -> AdapterConfig:
+    """Our AdapterConfig of a reference ``config.json`` (absent fields take that code's
+    defaults); a CheckpointError naming the field for what we cannot express."""
+    flags = _reference_flags(data, where)
+    rank = _reference_rank(data, where)
+    alpha = _number_field(data, "attention_lora_alpha", where)
+    dropout = _number_field(data, "attention_lora_dropout", where)
+    adapted = _reference_layers(data, num_layers, where)
+    lambda_mode, lambda_init = _reference_lambda(
+        data, flags["learn_lambda"], adapted, num_layers, where
     )
     try:
-        adapter = AdapterConfig(**fields)
+        adapter = AdapterConfig(
+            method="difflora",
+            rank=rank,
+            alpha=float(alpha),
+            dropout=float(dropout),
+            layers=None if adapted == list(range(num_layers)) else tuple(adapted),
+            positive_term=not flags["lora_negative_term_only"],
+            negative_term=_reference_negative_term(flags),
+            lambda_mode=lambda_mode,
+            lambda_init=lambda_init,
+            group_norm=flags["groupnorm"],
+            lora_v=flags["lora_v"],
+            lora_o=flags["lora_o"],
+            lora_mlp=flags["lora_mlp"],
+            relu_on_differential=flags["relu_on_differential"],
+        )
         adapter.validate()
     except ConfigError as e:
         raise CheckpointError(f"{where}: {e}") from e

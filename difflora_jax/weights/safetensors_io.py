@@ -1,4 +1,5 @@
-"""Reading a Hugging Face checkpoint directory: config.json plus single or sharded safetensors."""
+"""Safetensors in and out (never a pickle): the tensors of a Hugging Face checkpoint directory
+(single or sharded, read lazily), and whole files for adapters and merged exports."""
 
 from __future__ import annotations
 
@@ -6,30 +7,17 @@ import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, for bfloat16 safetensors)
 import numpy as np
 from safetensors import safe_open
+from safetensors.numpy import save_file
 
-from difflora_jax.config import ModelConfig, model_config_from_hf
-from difflora_jax.errors import CheckpointError, ConfigError
+from difflora_jax.errors import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-
-
-def read_hf_config(directory: Path) -> ModelConfig:
-    path = directory / "config.json"
-    if not path.is_file():
-        raise CheckpointError(
-            f"{directory} has no config.json; is it a Hugging Face model directory?"
-        )
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
-    try:
-        return model_config_from_hf(raw, name=directory.name)
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: {e}") from e
+# What torch's save_pretrained writes in the header; transformers checks it.
+SAFETENSORS_METADATA = {"format": "pt"}
 
 
 class SafetensorsCheckpoint(Mapping[str, np.ndarray]):
@@ -64,22 +52,43 @@ class SafetensorsCheckpoint(Mapping[str, np.ndarray]):
 
     @staticmethod
     def _keys_of(file: Path) -> list[str]:
-        try:
-            with safe_open(file, framework="numpy") as f:
-                return list(f.keys())
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from e
+        return _read(file, lambda f: list(f.keys()))
 
     def __getitem__(self, name: str) -> np.ndarray:
-        file = self._files[name]
-        try:
-            with safe_open(file, framework="numpy") as f:
-                return f.get_tensor(name)
-        except Exception as e:
-            raise CheckpointError(f"cannot read tensor {name!r} from {file}: {e}") from e
+        return _read(self._files[name], lambda f: f.get_tensor(name), tensor=name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._files)
 
     def __len__(self) -> int:
         return len(self._files)
+
+
+def _read(file: Path, what, *, tensor: str | None = None):
+    """``what(handle)`` on an open safetensors file; any failure is a CheckpointError."""
+    try:
+        with safe_open(file, framework="numpy") as handle:
+            return what(handle)
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        if tensor is not None:
+            raise CheckpointError(f"cannot read tensor {tensor!r} from {file}: {e}") from e
+        raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from e
+
+
+def read_safetensors(path: Path, what: str) -> dict[str, np.ndarray]:
+    """Every tensor of one safetensors file, as numpy; ``what`` names the expected directory
+    kind in the error when the file is missing."""
+    if not path.is_file():
+        pickles = sorted(p.name for p in path.parent.glob("*.bin"))
+        hint = f" (found {pickles}: pickle files are never loaded)" if pickles else ""
+        raise CheckpointError(f"{path.parent} has no {path.name}; is it {what}?{hint}")
+    return _read(path, lambda f: {name: f.get_tensor(name) for name in f.keys()})
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
+    """Write ``tensors`` as one safetensors file (contiguous, with torch's header metadata)."""
+    save_file(
+        {k: np.ascontiguousarray(v) for k, v in tensors.items()},
+        str(path),
+        metadata=SAFETENSORS_METADATA,
+    )

@@ -7,27 +7,38 @@ transformers' converter, so it never imports PyTorch (transformers' own GGUF rea
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 from difflora_jax.errors import CheckpointError
+from difflora_jax.protocols import Tokenizer
+from difflora_jax.weights.gguf_io import metadata
 
 _HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def tokenizer_from_directory(directory: Path):
+def _as_tokenizer(tokenizer: Any) -> Tokenizer:
+    """A transformers tokenizer as the package's ``Tokenizer``. transformers 5 serves
+    ``pad_token_id`` / ``eos_token_id`` through ``__getattr__``, which a type checker cannot
+    see, so the protocol match is asserted here, at the one place tokenizers come from."""
+    return cast(Tokenizer, tokenizer)
+
+
+def tokenizer_from_directory(directory: Path) -> Tokenizer | None:
     """The tokenizer saved in a HF model directory, or None when it holds no tokenizer files."""
     if not any((directory / f).is_file() for f in _HF_TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(
+        tokenizer = AutoTokenizer.from_pretrained(
             str(directory), local_files_only=True, trust_remote_code=False
         )
     except Exception as e:
         raise CheckpointError(f"cannot load the tokenizer in {directory}: {e}") from e
+    return _as_tokenizer(tokenizer)
 
 
-def tokenizer_from_gguf(reader, path: Path):
+def tokenizer_from_gguf(reader, path: Path) -> Tokenizer:
     """A ``PreTrainedTokenizerFast`` with the chat template, built from GGUF metadata."""
     from transformers import PreTrainedTokenizerFast
 
@@ -36,13 +47,11 @@ def tokenizer_from_gguf(reader, path: Path):
             GGUF_TOKENIZER_MAPPING,
             convert_gguf_tokenizer,
         )
-    except ImportError:  # transformers 4.x
-        from transformers.integrations.ggml import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
-
-    from difflora_jax.weights.gguf_io import metadata
+    except ImportError:  # transformers 4.x; the 5.x that type checking sees lacks these names
+        from transformers.integrations.ggml import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer  # pyright: ignore[reportAttributeAccessIssue]
 
     meta = metadata(reader)
-    architecture = meta.get("general.architecture")
+    architecture = meta.get("general.architecture", "")
     groups = {
         group: {
             name: meta[f"tokenizer.{key}"]
@@ -71,4 +80,4 @@ def tokenizer_from_gguf(reader, path: Path):
     except Exception as e:
         raise CheckpointError(f"{path}: cannot build a tokenizer from GGUF metadata: {e}") from e
     tokenizer_config.update(extra)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config)
+    return _as_tokenizer(PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config))

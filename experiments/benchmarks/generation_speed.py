@@ -14,7 +14,7 @@ For each implementation and batch size two things are timed, each ``R`` times af
 call, and the median is kept:
 
 * **prefill**: one forward pass over the prompt batch that fills a KV cache and yields the
-  last-position logits. difflora_jax: ``generation._prefill``, the same jitted function (same
+  last-position logits. difflora_jax: ``generation.prefill``, the same jitted function (same
   shapes, so the same executable) that ``generate_ids`` runs, on a fresh cache of the size
   ``generate_ids`` allocates. transformers: ``model(ids, attention_mask, use_cache=True,
   logits_to_keep=1)``, the call ``generate`` makes for its first step.
@@ -62,10 +62,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
-import numpy as np
 from flax import nnx
 
-from difflora_jax.generation import PROMPT_BUCKET, _prefill, generate_ids
+from difflora_jax.generation import PROMPT_BUCKET, generate_ids, left_pad, prefill
 from difflora_jax.weights.loading import load_model, resolve_source
 
 ALIAS = "smollm2-135m-instruct"
@@ -177,22 +176,17 @@ def ours_runner(
 
     # The inputs generate_ids builds (left-padded to its bucket; no padding when the prompt
     # length is a multiple of PROMPT_BUCKET) and a cache of the size it allocates, so that
-    # _prefill hits the executable that generate_ids compiles.
+    # prefill hits the executable that generate_ids compiles.
     batch = len(prompts)
     prompt_len = _round_up(max(len(p) for p in prompts), PROMPT_BUCKET)
-    input_ids = np.full((batch, prompt_len), pad_token_id, np.int32)
-    mask = np.zeros((batch, prompt_len), np.int32)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, prompt_len - len(prompt) :] = prompt
-        mask[row, prompt_len - len(prompt) :] = 1
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+    input_ids, mask, positions = left_pad(prompts, prompt_len, pad_token_id)
     graphdef, state = nnx.split(model)
     cache_len = prompt_len + _round_up(new_tokens, CHUNK_SIZE)
 
     def run_prefill() -> float:
         cache = jax.block_until_ready(model.init_cache(batch, cache_len))  # donated: fresh
         start = time.perf_counter()
-        logits, cache = _prefill(graphdef, state, input_ids, mask, positions, cache)
+        logits, cache = prefill(graphdef, state, input_ids, mask, positions, cache)
         jax.block_until_ready((logits, cache))
         return time.perf_counter() - start
 
@@ -452,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = load_average()
     if float(load_before.split()[0] if load_before != "unknown" else 0) > 0.5:
         print(f"warning: load average {load_before}: other work will skew the timings")
-    # CPU has no buffer donation; _prefill / _decode_chunk donate their cache anyway.
+    # CPU has no buffer donation; prefill / _decode_chunk donate their cache anyway.
     warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
     model, tokenizer = load_model(ALIAS, dtype="float32")

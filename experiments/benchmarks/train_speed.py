@@ -41,9 +41,9 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generation_speed import DOC_HEADER, load_average, machine_info
 
-from difflora_jax.config import OptimizerConfig
-from difflora_jax.methods import load_method
+from difflora_jax.catalog import load_method
 from difflora_jax.modeling.adapters import apply_adapters, count_adapter_params
+from difflora_jax.training.config import OptimizerConfig
 from difflora_jax.training.loop import reseed_dropout
 from difflora_jax.training.optimizer import make_optimizer
 from difflora_jax.training.step import split_for_training, train_step

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from difflora_jax.config import ModelConfig
 from difflora_jax.data import BATCH_KEYS, BatchPacker, DataError, TokenizedExample, pack_examples
 from difflora_jax.errors import ConfigError
 from difflora_jax.modeling.llama import LlamaForCausalLM
+from tests.tiny import TINY
 
 A = TokenizedExample([10, 11, 12, 13], [0, 0, 1, 1])
 B = TokenizedExample([20, 21, 22], [0, 1, 1])
@@ -120,18 +120,8 @@ def test_random_examples_invariants(packing):
 
 
 def test_packed_row_equals_separate_examples_in_the_model():
-    config = ModelConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        max_position_embeddings=32,
-    )
     # random weights set from numpy: an eager (per-op compiled) init would take seconds
-    model = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: LlamaForCausalLM(TINY, rngs=nnx.Rngs(0)))
     rng = np.random.default_rng(0)
     for _, variable in nnx.to_flat_state(nnx.state(model)):
         shape = variable.get_value().shape

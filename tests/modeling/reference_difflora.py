@@ -1,10 +1,12 @@
 """An independent NumPy (float64) reference of the tiny Llama forward with LoRA / DiffLoRA.
 
-Written from the method description (``/work/shared/spec/difflora.md``) and the Llama
-architecture, not from ``difflora_jax``: nothing here calls a ``difflora_jax`` function. The
-weights are read out of a model's parameters by name (the tests check the computation, not the
-weights), and the adapter configuration is read field by field; the scale, lambda_init, which
-layers and terms exist, and every formula are recomputed here.
+Written from the method as the DiffLoRA paper describes it (Misrahi et al., "DiffLoRA:
+Differential Low-Rank Adapters for Large Language Models", arXiv:2507.23588, its method section
+on differential attention with low-rank adapters) and the Llama architecture, not from
+``difflora_jax``: nothing here calls a ``difflora_jax`` function. The weights are read out of a
+model's parameters by name (the tests check the computation, not the weights), and the adapter
+configuration is read field by field; the scale, lambda_init, which layers and terms exist, and
+every formula are recomputed here.
 
 Everything is explicit: attention maps per head, grouped-query attention by repeating K/V heads
 (query head j uses key head j // (heads / kv_heads), as transformers' ``repeat_kv``),
@@ -42,12 +44,12 @@ class TrackedParams:
 
 
 def adapter_scale(adapter) -> float:
-    """s = alpha / r, or alpha / sqrt(r) with rsLoRA (spec section 2)."""
+    """s = alpha / r, or alpha / sqrt(r) with rsLoRA (the paper's LoRA scale)."""
     return adapter.alpha / (math.sqrt(adapter.rank) if adapter.use_rslora else adapter.rank)
 
 
 def reference_lambda_init(adapter, layer_index: int) -> float:
-    """lambda_init of a layer (spec section 3, and the config docs).
+    """lambda_init of a layer (the paper's lambda schedule, and the config docs).
 
     identity_start: 0 (our function-preserving start). Fixed lambda: the configured constant.
     Learned: a nonzero configured value replaces the schedule 0.8 - 0.6 exp(-0.3 layer).

@@ -12,6 +12,7 @@ import torch
 from flax import nnx
 
 import difflora_jax
+from difflora_jax.weights.hf_config import model_config_from_hf
 from tests.conftest import LLAMA3_ROPE, save_tiny_llama, torch_logits
 
 ATOL = 1e-4  # float32 end to end; observed differences are ~2e-6 on O(1) logits
@@ -225,3 +226,12 @@ def test_packed_sequences_match_each_alone(loaded, forward):
     )
     second = slice(11, 28)
     assert np.abs(unsegmented[0, second] - packed[0, second]).max() > 100 * ATOL
+
+
+def test_num_params_matches_torch(tiny_llama):
+    """ModelConfig.num_params (read from the checkpoint's config) counts what PyTorch holds."""
+    for tied in (True, False):
+        _, model = tiny_llama(tie_word_embeddings=tied)
+        config = model_config_from_hf(model.config.to_dict())
+        # parameters() yields a tied weight once, as num_params counts it
+        assert config.num_params == sum(p.numel() for p in model.parameters())

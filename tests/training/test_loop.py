@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import struct
 
 import jax
@@ -14,21 +15,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from difflora_jax.config import DataConfig, TrainConfig, to_dict
-from difflora_jax.errors import AssetNotFoundError, ConfigError
-from difflora_jax.modeling.adapters import AdapterParam
-from difflora_jax.training import (
+from difflora_jax.adapter_checkpoint import (
     Checkpointer,
-    NonFiniteLossError,
+    flatten,
     load_adapter,
     read_checkpoint_meta,
-    read_metrics,
-    train,
 )
-from difflora_jax.training.checkpoint import flatten
+from difflora_jax.config import to_dict
+from difflora_jax.errors import AssetNotFoundError, CheckpointError, ConfigError
+from difflora_jax.modeling.adapters import AdapterParam
+from difflora_jax.training import NonFiniteLossError, read_metrics, train
+from difflora_jax.training.config import DataConfig, TrainConfig
 from difflora_jax.weights.loading import load_model
-
-from .conftest import DIFFLORA
+from tests.tiny import DIFFLORA
 
 METHOD = to_dict(dataclasses.replace(DIFFLORA, dropout=0.1))
 
@@ -232,3 +231,51 @@ def test_cli_train_from_yaml_with_overrides_equals_the_api_run(uninterrupted, tm
     assert "is not empty" in capsys.readouterr().err
     assert main([*argv, "--resume"]) == 0  # finished: nothing to do
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 6
+
+
+def _damage_optimizer_files(step_dir) -> dict[str, bytes]:
+    """Overwrite the optimizer item's data files with 20 random bytes; returns what was written."""
+    written = {}
+    rng = np.random.default_rng(0)
+    for path in sorted((step_dir / "optimizer" / "d").iterdir()):
+        path.write_bytes(rng.bytes(20))
+        written[path.name] = path.read_bytes()
+    assert written
+    return written
+
+
+def test_resume_falls_back_past_a_corrupt_newest_checkpoint(uninterrupted, tmp_path, capfd):
+    config, full = uninterrupted
+    run_dir = tmp_path / "damaged"
+    shutil.copytree(full.run_dir, run_dir)
+    # the finished run holds checkpoints 3 and 6; with 6 damaged, resuming restarts after 3
+    damaged = _damage_optimizer_files(run_dir / "checkpoints" / "6")
+    resumed = train(
+        dataclasses.replace(config, output_dir=str(run_dir)), resume=True, progress=False
+    )
+    err = capfd.readouterr().err
+    assert resumed.resumed_from == 3 and resumed.step == 6
+    assert f"warning: checkpoint {run_dir / 'checkpoints' / '6'} is corrupt" in err
+    assert "Event loop is closed" not in err and "Traceback" not in err
+    # the damaged checkpoint is kept, byte for byte, out of Orbax's directory
+    kept = run_dir / "corrupt_checkpoints" / "6" / "optimizer" / "d"
+    assert {p.name: p.read_bytes() for p in kept.iterdir()} == damaged
+    # steps 4-6 are recomputed exactly, and a new checkpoint 6 is written
+    want = {r["step"]: r["loss"] for r in read_metrics(full.run_dir)}
+    got = {r["step"]: r["loss"] for r in read_metrics(run_dir)}
+    assert got == want
+    with Checkpointer(run_dir / "checkpoints", create=False) as checkpointer:
+        assert checkpointer.latest_step() == 6
+
+
+def test_resume_with_every_checkpoint_corrupt_says_so_cleanly(uninterrupted, tmp_path, capfd):
+    config, full = uninterrupted
+    run_dir = tmp_path / "ruined"
+    shutil.copytree(full.run_dir, run_dir)
+    for step in (3, 6):
+        _damage_optimizer_files(run_dir / "checkpoints" / str(step))
+    with pytest.raises(CheckpointError, match=r"none of its checkpoints \[3, 6\] is readable"):
+        train(dataclasses.replace(config, output_dir=str(run_dir)), resume=True, progress=False)
+    err = capfd.readouterr().err
+    assert "Event loop is closed" not in err and "Traceback" not in err
+    assert sorted(p.name for p in (run_dir / "corrupt_checkpoints").iterdir()) == ["3", "6"]

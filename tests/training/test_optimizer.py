@@ -10,13 +10,12 @@ import optax
 import pytest
 from flax import nnx
 
-from difflora_jax.config import OptimizerConfig
+from difflora_jax.adapter_checkpoint import flatten
 from difflora_jax.errors import ConfigError
 from difflora_jax.modeling.adapters import AdapterParam
 from difflora_jax.training import learning_rate, linear_warmup_decay, make_optimizer
-from difflora_jax.training.checkpoint import flatten
-
-from .conftest import tiny_model
+from difflora_jax.training.config import OptimizerConfig
+from tests.tiny import tiny_model
 
 
 def test_linear_warmup_then_linear_decay_matches_the_closed_form():

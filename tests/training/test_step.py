@@ -11,21 +11,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from difflora_jax.config import OptimizerConfig
-from difflora_jax.modeling.adapters import AdapterParam
-from difflora_jax.training import (
-    compute_gradients,
-    lambda_layers,
-    lambda_values,
-    make_optimizer,
-    split_for_training,
-    train_step,
-    write_back,
-)
-from difflora_jax.training.checkpoint import flatten
-from difflora_jax.training.step import forward
-
-from .conftest import DIFFLORA, random_batch, tiny_model
+from difflora_jax.adapter_checkpoint import flatten
+from difflora_jax.losses import batch_logits
+from difflora_jax.modeling.adapters import AdapterParam, lambda_layers, lambda_values, write_back
+from difflora_jax.training import compute_gradients, make_optimizer, split_for_training, train_step
+from difflora_jax.training.config import OptimizerConfig
+from tests.tiny import DIFFLORA, random_batch, tiny_model
 
 _grads = jax.jit(compute_gradients, static_argnames=("graphdef", "grad_accum_steps"))
 
@@ -46,7 +37,7 @@ def test_loss_matches_reference_and_accumulation_equals_one_big_batch():
     g1, loss1, tokens1, _ = _grads(graphdef, params, rng, rest, batch, grad_accum_steps=1)
     g2, loss2, tokens2, _ = _grads(graphdef, params, rng, rest, batch, grad_accum_steps=2)
 
-    logits = nnx.jit(forward)(model, batch)
+    logits = nnx.jit(batch_logits)(model, batch)
     want_loss, want_tokens = _reference_loss(logits, batch)
     assert loss1.dtype == jnp.float32
     assert float(tokens1) == float(tokens2) == want_tokens == batch["loss_mask"].sum()

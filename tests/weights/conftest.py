@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from difflora_jax.config import AdapterConfig, DataConfig, OptimizerConfig, TrainConfig, to_dict
+from difflora_jax.adapter_checkpoint import Checkpointer, base_model_record, flatten
+from difflora_jax.config import AdapterConfig, to_dict
 from difflora_jax.modeling.adapters import AdapterParam, apply_adapters
-from difflora_jax.training import Checkpointer, base_model_record, make_optimizer
-from difflora_jax.training.checkpoint import flatten
+from difflora_jax.training import make_optimizer
+from difflora_jax.training.config import DataConfig, OptimizerConfig, TrainConfig
 from difflora_jax.training.step import split_for_training
 from difflora_jax.weights.loading import load_model
 

@@ -14,11 +14,11 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.numpy import load_file, save_file
 
+from difflora_jax.adapter_checkpoint import read_adapter_checkpoint, read_checkpoint_meta
 from difflora_jax.config import AdapterConfig
 from difflora_jax.errors import CheckpointError
-from difflora_jax.training import read_checkpoint_meta
-from difflora_jax.weights.adapter_files import adapter_shapes
-from difflora_jax.weights.export import export_adapter, import_adapter, read_adapter_checkpoint
+from difflora_jax.modeling.adapters import adapter_shapes
+from difflora_jax.weights.export import export_adapter, import_adapter
 from difflora_jax.weights.loading import load_model, read_model_config
 from difflora_jax.weights.peft_format import adapter_config_from_peft, peft_config, write_peft
 from tests.conftest import torch_logits

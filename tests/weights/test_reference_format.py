@@ -18,11 +18,11 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 from safetensors.torch import save_file as save_torch_file
 
-from difflora_jax.config import AdapterConfig, ModelConfig, from_dict
+from difflora_jax.adapter_checkpoint import read_adapter_checkpoint, read_checkpoint_meta
+from difflora_jax.config import AdapterConfig, from_dict
 from difflora_jax.errors import CheckpointError
-from difflora_jax.training import read_checkpoint_meta
-from difflora_jax.weights.adapter_files import adapter_shapes
-from difflora_jax.weights.export import export_adapter, import_adapter, read_adapter_checkpoint
+from difflora_jax.modeling.adapters import adapter_shapes
+from difflora_jax.weights.export import export_adapter, import_adapter
 from difflora_jax.weights.loading import load_model, read_model_config
 from difflora_jax.weights.reference_format import (
     adapter_config_from_reference,
@@ -31,55 +31,15 @@ from difflora_jax.weights.reference_format import (
     write_reference,
 )
 from tests.modeling.reference_difflora import TrackedParams, reference_logits
+from tests.tiny import TINY
+from tests.variants import REFERENCE_VARIANTS, SMALL, difflora
 
 from .conftest import IDS, MASK, REAL, adapted_checkpoint, adapter_values, logits
 
-# The shapes of the tiny checkpoints (tests/conftest.py TINY_CONFIG).
-E, H, KV, D, M, R = 64, 4, 2, 16, 96, 4
-TINY = ModelConfig(
-    vocab_size=128,
-    hidden_size=E,
-    intermediate_size=M,
-    num_layers=2,
-    num_heads=H,
-    num_kv_heads=KV,
-    head_dim=D,
-    rms_norm_eps=1e-5,
-    max_position_embeddings=64,
-)
-
-VARIANTS = {
-    "default": dict(),
-    "neg-adapters": dict(negative_term="adapters"),
-    "neg-full": dict(negative_term="full"),
-    "negative-only": dict(positive_term=False, negative_term="adapters"),
-    "negative-only-full": dict(positive_term=False, negative_term="full"),
-    "negative-only-base-plus": dict(positive_term=False),
-    "fixed-lambda": dict(lambda_mode="fixed", lambda_init=0.1),
-    "fixed-lambda-zero": dict(lambda_mode="fixed", lambda_init=0.0),
-    "learned-lambda-init": dict(lambda_init=0.3),
-    "learned-lambda-init-zero": dict(lambda_init=0.0),
-    "group-norm": dict(group_norm=True),
-    "relu": dict(relu_on_differential=True),
-    "lora-v": dict(lora_v=True),
-    "lora-o": dict(lora_o=True),
-    "lora-mlp": dict(lora_mlp=True),
-    "everything": dict(
-        negative_term="full",
-        group_norm=True,
-        relu_on_differential=True,
-        lora_v=True,
-        lora_o=True,
-        lora_mlp=True,
-        dropout=0.1,
-    ),
-    "layers-1": dict(layers=(1,), lora_v=True, lora_o=True, lora_mlp=True),
-    "gaussian-odd-alpha": dict(init="gaussian", alpha=3.5, seed=5),
-}
-
-
-def difflora(**fields) -> AdapterConfig:
-    return AdapterConfig(method="difflora", **{"rank": R, "alpha": 8.0, **fields})
+# The shapes of the tiny checkpoints (tests/tiny.py's TINY); R: the rank of tests/variants.py.
+E, H, KV, D = TINY.hidden_size, TINY.num_heads, TINY.num_kv_heads, TINY.head_dim
+M = TINY.intermediate_size
+R = SMALL["rank"]
 
 
 def canonical(adapter: AdapterConfig, num_layers: int = 2) -> AdapterConfig:
@@ -104,9 +64,9 @@ def _random_params(config, adapter, seed=0):
     }
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", list(REFERENCE_VARIANTS))
 def test_every_variant_round_trips_exactly(tmp_path, variant):
-    adapter = difflora(**VARIANTS[variant])
+    adapter = difflora(**REFERENCE_VARIANTS[variant])
     params = _random_params(TINY, adapter)
     written = write_reference(tmp_path, TINY, adapter, params, "/models/base")
     assert set(load_file(tmp_path / "model.safetensors")) == set(written)
@@ -317,6 +277,19 @@ HAND_BUILT = {
 }
 
 
+def _mlp_lora_tensors(prefix, linear):
+    """The ``lora_mlp`` adapters of one layer (``prefix``: ``model.layers.{i}.mlp.``)."""
+    tensors = {}
+    for proj, (out_dim, in_dim) in (
+        ("gate_proj", (M, E)),
+        ("up_proj", (M, E)),
+        ("down_proj", (E, M)),
+    ):
+        tensors[prefix + proj + "_lora_A.weight"] = linear(R, in_dim)
+        tensors[prefix + proj + "_lora_B.weight"] = linear(out_dim, R, 0.5)
+    return tensors
+
+
 def _hand_built_tensors(fields, kv, seed):
     """Torch tensors named and shaped as the reference code's modules: nn.Linear weights
     ``(out, in)``, lambda vectors and the subln scale ``(head_dim,)``."""
@@ -355,14 +328,7 @@ def _hand_built_tensors(fields, kv, seed):
         if fields.get("groupnorm"):
             tensors[a + "subln.weight"] = 1.0 + 0.3 * torch.randn(D, generator=gen)
         if fields.get("lora_mlp"):
-            m = f"model.layers.{i}.mlp."
-            for proj, (out_dim, in_dim) in (
-                ("gate_proj", (M, E)),
-                ("up_proj", (M, E)),
-                ("down_proj", (E, M)),
-            ):
-                tensors[m + proj + "_lora_A.weight"] = linear(R, in_dim)
-                tensors[m + proj + "_lora_B.weight"] = linear(out_dim, R, 0.5)
+            tensors.update(_mlp_lora_tensors(f"model.layers.{i}.mlp.", linear))
     return tensors
 
 

@@ -141,11 +141,11 @@ def test_identity_start_equals_the_real_base_model_then_moves(ours):
     and change after one optimizer step (lambda leaves 0)."""
     import dataclasses
 
-    from difflora_jax.config import OptimizerConfig
-    from difflora_jax.methods import load_method
-    from difflora_jax.modeling.adapters import apply_adapters
+    from difflora_jax.catalog import load_method
+    from difflora_jax.modeling.adapters import apply_adapters, lambda_values, write_back
+    from difflora_jax.training.config import OptimizerConfig
     from difflora_jax.training.optimizer import make_optimizer
-    from difflora_jax.training.step import lambda_values, split_for_training, train_step, write_back
+    from difflora_jax.training.step import split_for_training, train_step
 
     base, tokenizer = ours
     ids = np.asarray([tokenizer(PROMPTS[0])["input_ids"][:16]], np.int32)

@@ -1,34 +1,63 @@
-"""Fixtures for the training tests: a tiny random Llama (in memory, or written as a Hugging Face
-directory with a byte-level ChatML tokenizer), random batches in the data pipeline's format."""
+"""The tiny models of the tests, in one place: their configurations, a random tiny Llama (in
+memory, or written as a Hugging Face directory with a byte-level ChatML tokenizer), and random
+batches in the data pipeline's format.
+
+``TINY`` is the shape of the tiny Hugging Face checkpoints that ``tests/conftest.py`` writes
+(its ``TINY_CONFIG`` is derived from it). A test that needs another shape states only what
+differs, as ``tiny_config(**overrides)``, and says why.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 
 from difflora_jax.config import AdapterConfig, ModelConfig
 from difflora_jax.modeling.adapters import apply_adapters
 from difflora_jax.modeling.llama import LlamaForCausalLM
+from difflora_jax.weights.hf_config import hf_llama_config
 from difflora_jax.weights.layout import hf_layout
+from difflora_jax.weights.safetensors_io import write_safetensors
 
-# 256 byte tokens + 3 specials fit; a multiple of 8 as real vocabularies are.
 TINY = ModelConfig(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,  # grouped-query attention, two query heads per key/value head
+    head_dim=16,  # heads * head_dim == hidden_size, as the reference DiffLoRA format requires
+    # Not transformers' default (1e-6) nor our fallback, so a dropped eps would show.
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    max_position_embeddings=64,
+)
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """``TINY`` with ``overrides`` (any ``ModelConfig`` field)."""
+    return dataclasses.replace(TINY, **overrides)
+
+
+# The training tests' model: the 256 byte tokens and 3 ChatML specials of their byte-level
+# tokenizer fit the vocabulary (a multiple of 8, as real vocabularies are), <|im_end|> (258) is
+# the end of turn, 512 positions hold their packed rows; half TINY's width (the shape their
+# checks were written against).
+BYTE_TINY = tiny_config(
     vocab_size=264,
     hidden_size=32,
     intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
     head_dim=8,
     max_position_embeddings=512,
-    bos_token_id=None,
     eos_token_ids=(258,),
     name="tiny",
 )
+
+
 DIFFLORA = AdapterConfig(method="difflora", rank=4, alpha=8.0, negative_term="adapters")
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
@@ -38,14 +67,18 @@ CHATML = (
 
 
 def tiny_model(
-    adapter: AdapterConfig | None = DIFFLORA, *, dtype=jnp.float32, seed: int = 0, config=TINY
+    adapter: AdapterConfig | None = DIFFLORA,
+    *,
+    dtype=jnp.float32,
+    seed: int = 0,
+    config=BYTE_TINY,
 ) -> LlamaForCausalLM:
     """A random tiny Llama, with ``adapter`` applied (None: the bare base model)."""
     model = LlamaForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(seed))
     return model if adapter is None else apply_adapters(model, adapter)
 
 
-def random_batch(batch: int, length: int, *, vocab: int = TINY.vocab_size, seed: int = 0):
+def random_batch(batch: int, length: int, *, vocab: int = BYTE_TINY.vocab_size, seed: int = 0):
     """A batch in the data pipeline's format: two packed segments per row and padding at the end
     of odd rows; loss on the second half of each segment."""
     rng = np.random.default_rng(seed)
@@ -91,43 +124,14 @@ def byte_tokenizer():
 
 def write_hf_checkpoint(directory, model: LlamaForCausalLM, *, tokenizer=None) -> None:
     """Write ``model``'s base weights as a Hugging Face Llama directory (safetensors)."""
-    from safetensors.numpy import save_file
-
-    config = model.config
     directory.mkdir(parents=True, exist_ok=True)
-    layout = hf_layout(config)
+    layout = hf_layout(model.config)
     tensors = {}
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         entry = layout[".".join(str(p) for p in path)]
-        tensors[entry.hf_name] = np.ascontiguousarray(
-            entry.to_hf(np.asarray(variable[...], np.float32))
-        )
-    save_file(tensors, str(directory / "model.safetensors"))
-    hf = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.num_kv_heads,
-        "head_dim": config.head_dim,
-        "rms_norm_eps": config.rms_norm_eps,
-        "rope_theta": config.rope_theta,
-        "max_position_embeddings": config.max_position_embeddings,
-        "tie_word_embeddings": config.tie_word_embeddings,
-        "eos_token_id": list(config.eos_token_ids),
-        "hidden_act": "silu",
-    }
-    (directory / "config.json").write_text(json.dumps(hf))
+        tensors[entry.hf_name] = entry.to_hf(np.asarray(variable[...], np.float32))
+    write_safetensors(directory / "model.safetensors", tensors)
+    config = hf_llama_config(model.config)
+    (directory / "config.json").write_text(json.dumps(config))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
-
-
-@pytest.fixture(scope="session")
-def tiny_hf_dir(tmp_path_factory):
-    """A tiny random Llama as a HF directory with the byte-level ChatML tokenizer (read-only)."""
-    directory = tmp_path_factory.mktemp("tiny_hf") / "tiny-llama"
-    write_hf_checkpoint(directory, tiny_model(None, seed=1), tokenizer=byte_tokenizer())
-    return directory

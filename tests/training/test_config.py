@@ -10,20 +10,12 @@ import pytest
 import yaml
 
 from difflora_jax.cli import main
-from difflora_jax.config import (
-    AdapterConfig,
-    DataConfig,
-    TrainConfig,
-    load_train_config,
-    load_yaml,
-    parse_override,
-    save_yaml,
-)
+from difflora_jax.config import AdapterConfig, load_yaml, save_yaml
 from difflora_jax.data import BATCH_KEYS, make_mix
 from difflora_jax.errors import ConfigError
 from difflora_jax.training import RandomBatches, build_batches
-
-from .conftest import byte_tokenizer
+from difflora_jax.training.config import DataConfig, TrainConfig, load_train_config, parse_override
+from tests.tiny import byte_tokenizer
 
 BASE = {"model": "some/model", "method": "difflora-32", "output_dir": "runs/x"}
 
@@ -190,3 +182,33 @@ def test_data_sources_from_config(tmp_path):
         assert all(np.array_equal(a[k], b[k]) for k in BATCH_KEYS)
         assert a["loss_mask"].sum() > 0 and a["input_ids"].max() < 264
     assert synthetic.state() == from_file.state()
+
+
+def test_numbers_read_the_same_in_yaml_and_on_the_command_line(tmp_path):
+    """PyYAML reads ``1e-4`` as a string; both places accept it as the number a researcher means."""
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "model: m\nmethod: difflora-32\noutput_dir: out\nlearning_rate: 1e-4\n"
+        "weight_decay: 5E-2\nadam_eps: .5e-8\n"
+    )
+    from_yaml = load_train_config(path)
+    from_cli = load_train_config(
+        None,
+        [
+            "model=m",
+            "method=difflora-32",
+            "output_dir=out",
+            "learning_rate=1e-4",
+            "weight_decay=5E-2",
+            "adam_eps=.5e-8",
+        ],
+    )
+    assert from_yaml == from_cli
+    assert (from_yaml.learning_rate, from_yaml.weight_decay, from_yaml.adam_eps) == (
+        1e-4,
+        5e-2,
+        5e-9,
+    )
+    path.write_text("model: m\nmethod: difflora-32\noutput_dir: out\nlearning_rate: fast\n")
+    with pytest.raises(ConfigError, match="'learning_rate' = 'fast': expected a number"):
+        load_train_config(path)

@@ -17,24 +17,24 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from difflora_jax.config import SHAPES, AdapterConfig, OptimizerConfig, to_dict
+from difflora_jax.adapter_checkpoint import (
+    Checkpointer,
+    base_model_record,
+    flatten,
+    load_adapter,
+    model_fingerprint,
+)
+from difflora_jax.catalog import model_shape
+from difflora_jax.config import AdapterConfig, to_dict
 from difflora_jax.errors import CheckpointError
 from difflora_jax.modeling.adapters import AdapterParam, apply_adapters
 from difflora_jax.modeling.llama import LlamaForCausalLM
-from difflora_jax.training import (
-    Checkpointer,
-    base_model_record,
-    load_adapter,
-    make_optimizer,
-    model_fingerprint,
-    split_for_training,
-)
-from difflora_jax.training.checkpoint import flatten
+from difflora_jax.training import make_optimizer, split_for_training
+from difflora_jax.training.config import OptimizerConfig
 from difflora_jax.weights.loading import load_model
+from tests.tiny import BYTE_TINY, DIFFLORA, tiny_model
 
-from .conftest import DIFFLORA, TINY, tiny_model
-
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _trained_like_state(model, seed=0):
@@ -100,7 +100,7 @@ def test_round_trip_is_exact_and_only_the_last_n_are_kept(tmp_path):
     assert restored.meta["data_state"] == {"epoch": 0, "position": 12}
     assert restored.meta["adapter_config"]["dropout"] == 0.1
     assert restored.meta["base_model"]["fingerprint"] == model_fingerprint(model)
-    assert restored.meta["base_model"]["config"]["num_layers"] == TINY.num_layers
+    assert restored.meta["base_model"]["config"]["num_layers"] == BYTE_TINY.num_layers
 
 
 def test_unfinished_or_stray_directories_are_never_the_latest_checkpoint(tmp_path):
@@ -126,7 +126,7 @@ def test_a_process_killed_mid_save_leaves_the_previous_checkpoint_latest(tmp_pat
         f"""
         import os, signal
         import numpy as np, jax.numpy as jnp
-        from difflora_jax.training.checkpoint import Checkpointer
+        from difflora_jax.adapter_checkpoint import Checkpointer
         meta = {{"adapter_config": {{}}, "base_model": {{}}}}
         ck = Checkpointer({str(directory)!r})
         small = {{"a": jnp.arange(4.0)}}
@@ -153,7 +153,7 @@ def test_a_process_killed_mid_save_leaves_the_previous_checkpoint_latest(tmp_pat
 
 def test_checkpoint_holds_adapters_only_far_below_the_base_model_size(tmp_path):
     # SmolLM2-135M's shape (abstract base: no weights needed) with DiffLoRA rank 8
-    config = SHAPES["smollm2-135m"]
+    config = model_shape("smollm2-135m")
     model = nnx.eval_shape(lambda: LlamaForCausalLM(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
     apply_adapters(model, dataclasses.replace(DIFFLORA, rank=8, alpha=16.0))
     params = nnx.to_pure_dict(nnx.state(model, AdapterParam))
@@ -198,7 +198,9 @@ def test_load_adapter_restores_onto_a_fresh_base_model_and_checks_it(tmp_path, t
     assert other.adapter_config is None  # nothing applied on failure
 
     # another configuration: both sides named, field by field
-    bigger = tiny_model(None, config=dataclasses.replace(TINY, num_layers=3, name="other-base"))
+    bigger = tiny_model(
+        None, config=dataclasses.replace(BYTE_TINY, num_layers=3, name="other-base")
+    )
     with pytest.raises(CheckpointError, match=r"num_layers: 2 vs 3") as info:
         load_adapter(bigger, run_dir)
     assert "tiny-source" in str(info.value) and "other-base" in str(info.value)

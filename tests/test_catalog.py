@@ -1,17 +1,18 @@
 """Named methods, model-config reading without weights, and the `difflora params` command.
 
-The expected counts are the paper's / reference code's numbers (spec section 9), not values
-produced by this code.
+The expected counts are the paper's / reference code's numbers (arXiv:2507.23588), not
+values produced by this code.
 """
 
 import json
 
 import pytest
 
+from difflora_jax.catalog import PAPER_VARIANTS, load_method, method_names, model_names, model_shape
 from difflora_jax.cli import main
-from difflora_jax.config import SHAPES, AdapterConfig
+from difflora_jax.config import AdapterConfig
 from difflora_jax.errors import ConfigError
-from difflora_jax.methods import PAPER_VARIANTS, load_method, method_names, model_config_for
+from difflora_jax.weights.loading import read_model_config
 
 PAPER_COUNTS = {  # Llama-3.2-1B, per layer (16 layers)
     "lora-r8": 352_256,
@@ -64,7 +65,7 @@ def test_params_command_prints_the_paper_counts(capsys):
         == 0
     )
     report = json.loads(capsys.readouterr().out)
-    assert report["base_params"] == SHAPES["llama-3.2-1b"].num_params
+    assert report["base_params"] == model_shape("llama-3.2-1b").num_params
     for row in report["methods"]:
         assert row["per_layer"] == [PAPER_COUNTS[row["method"]]] * 16
         assert row["total"] == 16 * PAPER_COUNTS[row["method"]]
@@ -74,7 +75,7 @@ def test_params_command_prints_the_paper_counts(capsys):
 
 
 def test_params_reads_a_real_checkpoint_config_without_weights():
-    config = model_config_for("smollm2-135m-instruct")
+    config = read_model_config("smollm2-135m-instruct")
     assert (config.num_layers, config.hidden_size, config.num_kv_heads) == (30, 576, 3)
 
 
@@ -90,3 +91,23 @@ def test_load_model_with_a_method_name_adds_fresh_adapters(tmp_path):
     assert count_adapter_params(model) > 0
     with pytest.raises(ConfigError, match="known methods"):
         load_model(directory, adapter="no-such-method", with_tokenizer=False)
+
+
+# Parameter counts the model cards publish (an independent check of every shipped shape).
+PUBLISHED_PARAMS = {
+    "smollm2-135m": 134_515_008,
+    "llama-3.2-1b": 1_235_814_400,
+    "llama-3.1-8b": 8_030_261_248,
+    "llama-2-7b": 6_738_415_616,
+}
+
+
+def test_every_shipped_shape_has_a_published_count():
+    assert model_names() == sorted(PUBLISHED_PARAMS)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_shipped_shapes_match_published_parameter_counts(name):
+    config = model_shape(name)
+    assert config.name == name
+    assert config.num_params == PUBLISHED_PARAMS[name]

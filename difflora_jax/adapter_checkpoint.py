@@ -1,10 +1,14 @@
-"""Adapter checkpoints with Orbax: adapters, optimizer state, dropout RNG state, step, data
-position, the AdapterConfig and a record of the base model. Never the base weights.
+"""Adapter checkpoints with Orbax: adapters, optionally the optimizer and dropout RNG state,
+step, data position, the AdapterConfig and a record of the base model. Never the base weights.
 
-A checkpoint is one Orbax step directory ``<dir>/<step>/`` with four items::
+Below training on purpose: loading trained adapters for inference (``load_adapter``,
+``load_model(base, adapter=DIR)``), exporting and importing them need no training code.
+
+A checkpoint is one Orbax step directory ``<dir>/<step>/`` with up to four items::
 
     adapters/    the AdapterParam arrays, flat {"layers.3.attn.negative_q.a": float32 array}
-    optimizer/   the optax state, flat {"1.0.mu.layers.3.attn.negative_q.a": array}
+    optimizer/   the optax state, flat {"1.0.mu.layers.3.attn.negative_q.a": array} (training
+                 checkpoints; absent in imported adapters, which cannot resume a run)
     rng/         dropout RNG streams, keys as uint32 key data (absent without dropout)
     meta/        JSON: format, step, data_state, adapter_config, base_model, train_config
 
@@ -18,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import sys
+import traceback
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,8 +36,48 @@ from flax import nnx
 
 from difflora_jax.config import AdapterConfig, ModelConfig, from_dict, to_dict
 from difflora_jax.errors import CheckpointError, ConfigError
-from difflora_jax.modeling.adapters import AdapterParam, apply_adapters
-from difflora_jax.training.step import write_back
+from difflora_jax.modeling.adapters import (
+    abstract_adapted_model,
+    adapter_arrays,
+    apply_adapters,
+    write_back,
+)
+from difflora_jax.modeling.llama import LlamaForCausalLM
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint's files are unreadable or incomplete (as opposed to readable but meant for
+    another model); a resumed run falls back to an older checkpoint on this error only."""
+
+
+def _silence_abandoned_reads() -> None:
+    """Drop the late ``RuntimeError: Event loop is closed`` reports of reads Orbax abandoned.
+
+    Orbax runs each read in a fresh event loop and closes it as soon as one array fails; the
+    other arrays' TensorStore reads finish later and try to wake that closed loop, and Python
+    prints each as an unraisable exception (dozens of tracebacks around a clear error). Installed
+    once, by the first Checkpointer (the reports can arrive before the error is even raised);
+    every other unraisable exception still goes to the previous hook.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_difflora_jax", False):
+        return
+
+    def hook(report: Any) -> None:
+        value, tb = report.exc_value, report.exc_traceback
+        last = traceback.extract_tb(tb)[-1] if tb is not None else None
+        if (
+            isinstance(value, RuntimeError)
+            and str(value) == "Event loop is closed"
+            and last is not None
+            and last.name in ("call_soon_threadsafe", "_check_closed")
+        ):
+            return
+        previous(report)
+
+    hook._difflora_jax = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
 
 FORMAT_VERSION = 1
 ARRAY_ITEMS = ("adapters", "optimizer", "rng")
@@ -99,7 +145,7 @@ def _short(error: Exception, limit: int = 400) -> str:
 
 
 def _is_key(x: Any) -> bool:
-    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def _key_data(tree: Any) -> Any:
@@ -162,7 +208,7 @@ def model_fingerprint(model: nnx.Module) -> str:
     return digest.hexdigest()
 
 
-def base_model_record(model: nnx.Module, source: str | os.PathLike | None = None) -> dict:
+def base_model_record(model: LlamaForCausalLM, source: str | os.PathLike | None = None) -> dict:
     """What the adapters were trained on: source, name, ModelConfig, dtype, fingerprint."""
     config: ModelConfig = model.config
     params = nnx.state(model, nnx.Param)
@@ -183,7 +229,7 @@ def _describe(record: Mapping[str, Any]) -> str:
 
 
 def check_base_model(
-    record: Mapping[str, Any], model: nnx.Module, where: str, source: str | None = None
+    record: Mapping[str, Any], model: LlamaForCausalLM, where: str, source: str | None = None
 ) -> None:
     """CheckpointError unless ``model`` is the base model ``record`` describes."""
     saved = record.get("config") or {}
@@ -234,9 +280,12 @@ class Checkpointer:
         create: bool = True,
     ):
         self.directory = Path(directory).absolute()
+        _silence_abandoned_reads()
         if not create and not self.directory.is_dir():
             raise CheckpointError(f"checkpoint directory {self.directory} does not exist")
-        handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
+        handlers: dict[str, ocp.CheckpointHandler] = {
+            name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS
+        }
         handlers[META_ITEM] = ocp.JsonCheckpointHandler()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=create
@@ -252,8 +301,12 @@ class Checkpointer:
         self.close()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Wait for pending saves, then release Orbax's threads and event loop (on every path,
+        so an error never leaves them running into interpreter shutdown)."""
+        try:
+            self._manager.wait_until_finished()
+        finally:
+            self._manager.close()
 
     def wait(self) -> None:
         """Block until every pending save is written and finalised."""
@@ -282,24 +335,27 @@ class Checkpointer:
         step: int,
         *,
         params: Any,
-        opt_state: Any,
+        opt_state: Any | None,
         rng: Any | None,
         meta: Mapping[str, Any],
     ) -> None:
         """Start saving a checkpoint of ``step`` (asynchronously); returns once the arrays are
-        off the device."""
+        off the device. ``opt_state`` None: adapters only (such a checkpoint cannot resume a
+        training run)."""
         meta = {"format": FORMAT_VERSION, **meta, "step": int(step)}
         items = {
             "adapters": ocp.args.StandardSave(flatten(params)),
-            "optimizer": ocp.args.StandardSave(flatten(opt_state)),
             META_ITEM: ocp.args.JsonSave(meta),
         }
+        if opt_state is not None:
+            items["optimizer"] = ocp.args.StandardSave(flatten(opt_state))
         rng_flat = flatten(_key_data(rng)) if rng is not None else {}
         if rng_flat:
             items["rng"] = ocp.args.StandardSave(rng_flat)
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-    def _resolve(self, step: int | None) -> int:
+    def resolve(self, step: int | None) -> int:
+        """``step``, or the latest step for None; CheckpointError if there is no such one."""
         steps = self.steps()
         if not steps:
             raise CheckpointError(f"no finished checkpoint in {self.directory}")
@@ -313,19 +369,21 @@ class Checkpointer:
 
     def read_meta(self, step: int | None = None) -> dict:
         """The JSON record of a checkpoint (the latest by default), validated."""
-        step = self._resolve(step)
+        step = self.resolve(step)
         where = self.step_dir(step)
         try:
             meta = self._manager.restore(
                 step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()})
             )[META_ITEM]
         except Exception as e:
-            raise CheckpointError(
+            raise CorruptCheckpointError(
                 f"checkpoint {where} is corrupt or incomplete: cannot read its {META_ITEM!r} "
                 f"record ({_short(e)})"
             ) from e
         if not isinstance(meta, dict):
-            raise CheckpointError(f"checkpoint {where}: the {META_ITEM!r} record is not a mapping")
+            raise CorruptCheckpointError(
+                f"checkpoint {where}: the {META_ITEM!r} record is not a mapping"
+            )
         if meta.get("format") != FORMAT_VERSION:
             raise CheckpointError(
                 f"checkpoint {where} has format {meta.get('format')!r}; this version reads "
@@ -333,7 +391,7 @@ class Checkpointer:
             )
         missing = [k for k in ("step", "adapter_config", "base_model") if k not in meta]
         if missing:
-            raise CheckpointError(f"checkpoint {where}: its record lacks {missing}")
+            raise CorruptCheckpointError(f"checkpoint {where}: its record lacks {missing}")
         return meta
 
     def _item_metadata(self, step: int, items: list[str]) -> dict[str, dict]:
@@ -341,7 +399,7 @@ class Checkpointer:
         try:
             metadata = self._manager.item_metadata(step)
         except Exception as e:
-            raise CheckpointError(
+            raise CorruptCheckpointError(
                 f"checkpoint {where} is corrupt or incomplete: cannot read its metadata "
                 f"({_short(e)})"
             ) from e
@@ -350,7 +408,12 @@ class Checkpointer:
             found = metadata[item] if item in metadata else None
             tree = getattr(found, "tree", found)
             if not isinstance(tree, Mapping):
-                raise CheckpointError(f"checkpoint {where} lacks its {item!r} item")
+                if item == "optimizer":
+                    raise CheckpointError(
+                        f"checkpoint {where} holds adapters only, no optimizer state (it was "
+                        "imported or written for inference), so it cannot resume a training run"
+                    )
+                raise CorruptCheckpointError(f"checkpoint {where} lacks its {item!r} item")
             out[item] = tree
         return out
 
@@ -364,7 +427,7 @@ class Checkpointer:
     ) -> Restored:
         """Read a checkpoint (the latest by default) into the structures of the templates
         ``params`` (and ``opt_state``, ``rng`` when given), checking names and shapes first."""
-        step = self._resolve(step)
+        step = self.resolve(step)
         where = self.step_dir(step)
         meta = self.read_meta(step)
         templates = {"adapters": flatten(params)}
@@ -379,14 +442,14 @@ class Checkpointer:
         try:
             arrays = self._manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:
-            raise CheckpointError(
+            raise CorruptCheckpointError(
                 f"checkpoint {where} is corrupt or incomplete: cannot read its arrays ({_short(e)})"
             ) from e
         restored = {item: arrays[item] for item in templates}
         for item, flat in restored.items():
             bad = [n for n, x in flat.items() if not bool(jnp.all(jnp.isfinite(x)))]
             if bad and item != "rng":
-                raise CheckpointError(
+                raise CorruptCheckpointError(
                     f"checkpoint {where} item {item!r} holds NaN/inf in {bad[:4]}"
                 )
         return Restored(
@@ -428,9 +491,39 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict:
         return checkpointer.read_meta(step)
 
 
+def adapter_config_of(meta: Mapping[str, Any], where: str) -> AdapterConfig:
+    """The AdapterConfig a checkpoint record holds (CheckpointError if it is invalid)."""
+    try:
+        return from_dict(AdapterConfig, meta["adapter_config"], where="adapter_config")
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: invalid adapter config: {e}") from e
+
+
+def check_adapter_config(saved: AdapterConfig, current: AdapterConfig | None, where: str) -> None:
+    """CheckpointError unless the adapters a model carries (``current``; None: none yet) are
+    those a checkpoint holds (``saved``)."""
+    if current is not None and current != saved:
+        raise CheckpointError(
+            f"{where} holds adapters of {saved}, but the model already carries different "
+            f"adapters ({current}); pass a model without adapters, or with these"
+        )
+
+
+def check_fits(
+    meta: Mapping[str, Any], model: LlamaForCausalLM, where: str, *, source: str | None = None
+) -> AdapterConfig:
+    """The one "same adapter config, same base model" check that loading adapters and resuming
+    a run share: the checkpoint's AdapterConfig, after checking that ``model`` is the base model
+    it records and carries no other adapters."""
+    adapter = adapter_config_of(meta, where)
+    check_base_model(meta["base_model"], model, where, source=source)
+    check_adapter_config(adapter, getattr(model, "adapter_config", None), where)
+    return adapter
+
+
 def load_adapter(
-    model: nnx.Module, checkpoint: str | os.PathLike, *, check_base: bool = True
-) -> nnx.Module:
+    model: LlamaForCausalLM, checkpoint: str | os.PathLike, *, check_base: bool = True
+) -> LlamaForCausalLM:
     """Restore trained adapters onto ``model`` (in place; returned) from ``checkpoint``: a run
     directory (its latest checkpoint), a checkpoint directory, or one step directory.
 
@@ -441,26 +534,69 @@ def load_adapter(
     """
     directory, step = locate_checkpoint(checkpoint)
     with Checkpointer(directory, create=False) as checkpointer:
-        step = checkpointer._resolve(step)
-        where = checkpointer.step_dir(step)
+        step = checkpointer.resolve(step)
+        where = f"checkpoint {checkpointer.step_dir(step)}"
         meta = checkpointer.read_meta(step)
-        try:
-            adapter_config = from_dict(
-                AdapterConfig, meta["adapter_config"], where="adapter_config"
-            )
-        except ConfigError as e:
-            raise CheckpointError(f"checkpoint {where}: invalid adapter config: {e}") from e
         if check_base:
-            check_base_model(meta["base_model"], model, f"checkpoint {where}")
-        current = getattr(model, "adapter_config", None)
-        if current is None:
-            apply_adapters(model, adapter_config)
-        elif current != adapter_config:
-            raise CheckpointError(
-                f"checkpoint {where} holds adapters of {adapter_config}, but the model already "
-                f"carries different adapters ({current}); pass a model without adapters"
-            )
-        template = nnx.to_pure_dict(nnx.state(model, AdapterParam))
-        restored = checkpointer.restore(step, params=template)
+            adapter = check_fits(meta, model, where)
+        else:
+            adapter = adapter_config_of(meta, where)
+            check_adapter_config(adapter, getattr(model, "adapter_config", None), where)
+        if getattr(model, "adapter_config", None) is None:
+            apply_adapters(model, adapter)
+        restored = checkpointer.restore(step, params=adapter_arrays(model))
     write_back(model, restored.params)
     return model
+
+
+@dataclasses.dataclass
+class AdapterCheckpoint:
+    """An adapter checkpoint read without base weights."""
+
+    adapter: AdapterConfig
+    model_config: ModelConfig
+    params: dict[str, np.ndarray]  # flat dotted path -> float32 array
+    meta: dict[str, Any]
+    where: Path
+
+
+def read_adapter_checkpoint(checkpoint: str | os.PathLike) -> AdapterCheckpoint:
+    """The adapters, AdapterConfig and base ModelConfig of a checkpoint (no base weights read)."""
+    directory, step = locate_checkpoint(checkpoint)
+    with Checkpointer(directory, create=False) as checkpointer:
+        meta = checkpointer.read_meta(step)
+        where = checkpointer.step_dir(int(meta["step"]))
+        adapter = adapter_config_of(meta, f"checkpoint {where}")
+        try:
+            model_config = from_dict(
+                ModelConfig, (meta["base_model"] or {}).get("config"), where="base_model.config"
+            )
+        except ConfigError as e:
+            raise CheckpointError(f"checkpoint {where}: invalid record: {e}") from e
+        model = abstract_adapted_model(model_config, adapter)
+        restored = checkpointer.restore(int(meta["step"]), params=adapter_arrays(model))
+    params = {name: np.asarray(x, np.float32) for name, x in flatten(restored.params).items()}
+    return AdapterCheckpoint(adapter, model_config, params, restored.meta, where)
+
+
+def save_adapter_checkpoint(
+    model: LlamaForCausalLM,
+    directory: str | os.PathLike,
+    *,
+    source: str | None,
+    step: int = 0,
+    extra_meta: Mapping[str, Any] | None = None,
+) -> None:
+    """Save the adapters ``model`` carries (no optimizer state) with their AdapterConfig and
+    the base-model record as a checkpoint of ``step`` in ``directory``, synchronously: what
+    ``load_adapter`` and ``load_model(base, adapter=...)`` read."""
+    if getattr(model, "adapter_config", None) is None:
+        raise CheckpointError("the model carries no adapters to save")
+    meta = {
+        "adapter_config": to_dict(model.adapter_config),
+        "base_model": base_model_record(model, source),
+        "data_state": None,
+        **(extra_meta or {}),
+    }
+    with Checkpointer(directory, async_save=False) as checkpointer:
+        checkpointer.save(step, params=adapter_arrays(model), opt_state=None, rng=None, meta=meta)
