@@ -76,6 +76,24 @@ def test_invalid_dtype(checkpoint, dtype):
     assert "bfloat16" in message and "float32" in message  # the allowed values
 
 
+@pytest.mark.parametrize(
+    "adapter, error, message",
+    [
+        ("{tmp}/no/such/dir", CheckpointError, "no such directory"),
+        ("./no-such-run", CheckpointError, "no such directory"),
+        ("{tmp}/missing.yaml", ConfigError, "config file not found"),
+        ("difflora-999", ConfigError, "unknown method 'difflora-999'"),
+    ],
+)
+def test_adapter_that_is_neither_a_checkpoint_nor_a_method(
+    checkpoint, tmp_path, adapter, error, message
+):
+    with pytest.raises(error, match=message) as info:
+        difflora_jax.load_model(checkpoint, adapter=adapter.format(tmp=tmp_path))
+    if error is CheckpointError:
+        assert "unknown method" not in str(info.value)
+
+
 def test_invalid_dtype_is_checked_before_the_source(tmp_path):
     with pytest.raises(ConfigError, match="dtype"):
         difflora_jax.load_model(tmp_path / "missing", dtype="float16")
