@@ -4,6 +4,7 @@ to one big batch, frozen base weights bit-identical after training, lambda metri
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -12,11 +13,14 @@ import pytest
 from flax import nnx
 
 from difflora_jax.adapter_checkpoint import flatten
+from difflora_jax.config import AdapterConfig
 from difflora_jax.losses import batch_logits
 from difflora_jax.modeling.adapters import AdapterParam, lambda_layers, lambda_values, write_back
 from difflora_jax.training import compute_gradients, make_optimizer, split_for_training, train_step
 from difflora_jax.training.config import OptimizerConfig
-from tests.tiny import DIFFLORA, random_batch, tiny_model
+from difflora_jax.training.step import _micro_loss_sum as micro_loss_sum
+from difflora_jax.training.step import _train_step as train_step_fn  # the function jit compiles
+from tests.tiny import DIFFLORA, random_batch, tiny_config, tiny_model
 
 _grads = jax.jit(compute_gradients, static_argnames=("graphdef", "grad_accum_steps"))
 
@@ -146,3 +150,63 @@ def test_non_finite_loss_skips_the_update(bf16_run):
         np.testing.assert_array_equal(x, y)  # NaNs compare equal here
     for x, y in zip(jax.tree.leaves(new_opt), jax.tree.leaves(opt_state)):
         np.testing.assert_array_equal(x, y)
+
+
+# ---------------------------------------------------------------------------------------------
+# the compiled step differentiates with respect to the adapters only
+
+# Distinct sizes, so that a frozen weight's shape cannot be mistaken for an activation's.
+HLO_CONFIG = tiny_config(
+    vocab_size=72, hidden_size=40, num_heads=2, num_kv_heads=1, head_dim=12, intermediate_size=56
+)
+
+
+def _weight_shaped_results(hlo: str, shapes: set[tuple[int, ...]]) -> list[str]:
+    """HLO dot/convolution/scatter instructions whose result has one of ``shapes``."""
+    found = []
+    for line in hlo.splitlines():
+        match = re.search(r"= f32\[([0-9,]*)\]\S* (dot|convolution|scatter)\(", line)
+        if match and tuple(int(d) for d in match.group(1).split(",") if d) in shapes:
+            found.append(line.strip()[:120])
+    return found
+
+
+def _frozen_shapes(model) -> set[tuple[int, ...]]:
+    """Every frozen weight's shape, as stored and as the 2-D matrix a gradient dot would give."""
+    shapes = set()
+    for _, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        shape = tuple(variable.get_value().shape)
+        if len(shape) < 2:
+            continue  # norm scales: their gradient is a reduction, not a weight-shaped dot
+        shapes.add(shape)
+        for cut in range(1, len(shape)):
+            rows, cols = int(np.prod(shape[:cut])), int(np.prod(shape[cut:]))
+            shapes |= {(rows, cols), (cols, rows)}
+    return shapes
+
+
+@pytest.mark.parametrize("method", ["lora", "difflora"])
+def test_the_step_computes_no_gradient_of_a_frozen_weight(method):
+    model = tiny_model(AdapterConfig(method=method, rank=4, alpha=8.0), config=HLO_CONFIG)
+    graphdef, params, rng, rest = split_for_training(model)
+    optimizer = OptimizerConfig(total_steps=10)
+    opt_state = make_optimizer(optimizer).init(params)
+    batch = {k: jnp.asarray(v) for k, v in random_batch(2, 8, vocab=72).items()}
+    step = jax.jit(train_step_fn, static_argnames=("graphdef", "optimizer", "grad_accum_steps"))
+    hlo = (
+        step.lower(graphdef, optimizer, 1, params, opt_state, rng, rest, batch)
+        .compiler_ir(dialect="hlo")
+        .as_hlo_text()
+    )
+    frozen = _frozen_shapes(model)
+    assert _weight_shaped_results(hlo, frozen) == []
+    # the check is not vacuous: differentiating the frozen weights too shows them
+    everything = jax.jit(
+        jax.grad(micro_loss_sum, argnums=(0, 2), has_aux=True), static_argnames=("graphdef",)
+    )
+    hlo_all = (
+        everything.lower(params, rng, rest, batch, graphdef=graphdef)
+        .compiler_ir(dialect="hlo")
+        .as_hlo_text()
+    )
+    assert len(_weight_shaped_results(hlo_all, frozen)) >= 7  # q, k, v, o, gate, up, down
