@@ -145,6 +145,7 @@ class DifferentialAttention(nnx.Module):
         self.num_heads = h
         self.num_kv_heads = kv
         self.attention_backend = base.attention_backend
+        self.causal_block = base.causal_block
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
             base.q_proj,
             base.k_proj,
@@ -260,7 +261,14 @@ class DifferentialAttention(nnx.Module):
                 values = jnp.concatenate([value, value], axis=2)
             else:  # a separate V for the negative map, stacked as the keys are
                 values = value
-            both = attention(queries, keys, values, mask, backend=self.attention_backend)
+            both = attention(
+                queries,
+                keys,
+                values,
+                mask,
+                backend=self.attention_backend,
+                causal_block=self.causal_block if kv_cache is None else None,
+            )
             out = both[:, :, :h].astype(jnp.float32) - lam * both[:, :, h:].astype(jnp.float32)
         if self.group_norm is not None:
             out = out * jax.lax.rsqrt(jnp.mean(out * out, axis=-1, keepdims=True) + 1e-5)

@@ -32,7 +32,13 @@ from flax import nnx
 from jax.typing import DTypeLike
 
 from difflora_jax.config import AdapterConfig, ModelConfig
-from difflora_jax.modeling.attention import KVCache, attention, make_attention_mask, write_kv
+from difflora_jax.modeling.attention import (
+    DEFAULT_CAUSAL_BLOCK,
+    KVCache,
+    attention,
+    make_attention_mask,
+    write_kv,
+)
 from difflora_jax.modeling.rope import apply_rope, inverse_frequencies, rope_angles
 
 _INIT = jax.nn.initializers.normal(stddev=0.02)
@@ -57,6 +63,7 @@ class AttentionLayer(Protocol):
     attention ``modeling.adapters`` puts in its place."""
 
     attention_backend: str
+    causal_block: int | None
 
     @property
     def cache_heads(self) -> tuple[int, int]:
@@ -145,6 +152,7 @@ class Attention(nnx.Module):
         self.layer_index = layer_index
         self.num_heads = h
         self.attention_backend = attention_backend
+        self.causal_block: int | None = DEFAULT_CAUSAL_BLOCK
         self.q_proj = Projection(
             (e,), (h, d), ("embed",), ("heads", "head_dim"), dtype=dtype, rngs=rngs
         )
@@ -181,7 +189,14 @@ class Attention(nnx.Module):
             key = write_kv(kv_cache[0], key, cache_index)  # [batch, max_length, kv_heads, head_dim]
             value = write_kv(kv_cache[1], value, cache_index)
             kv_cache = (key, value)
-        out = attention(query, key, value, mask, backend=self.attention_backend)
+        out = attention(
+            query,
+            key,
+            value,
+            mask,
+            backend=self.attention_backend,
+            causal_block=self.causal_block if kv_cache is None else None,
+        )
         return self.o_proj(out), kv_cache
 
 
@@ -272,10 +287,14 @@ class LlamaForCausalLM(nnx.Module):
                 rngs=rngs,
             )
 
-    def set_attention_backend(self, backend: str) -> None:
-        """Switch every layer's attention backend (see ``modeling.attention.BACKENDS``)."""
+    def set_attention_backend(
+        self, backend: str, *, causal_block: int | None = DEFAULT_CAUSAL_BLOCK
+    ) -> None:
+        """Switch every layer's attention backend (see ``modeling.attention.BACKENDS``) and the
+        XLA path's causal block size (None: dense)."""
         for layer in self.layers:
             layer.attn.attention_backend = backend
+            layer.attn.causal_block = causal_block
 
     def __call__(
         self,
