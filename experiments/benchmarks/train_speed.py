@@ -60,6 +60,7 @@ class Runner:
     method: str
     trainable: int
     step: Callable[[], None]
+    attention: str = ""
     first_call_s: float = 0.0
     times: list[float] = dataclasses.field(default_factory=list)
 
@@ -75,8 +76,9 @@ def make_batch(batch: int, length: int, vocab: int) -> dict[str, np.ndarray]:
     }
 
 
-def ours(base, method: str, batch: dict[str, np.ndarray]) -> Runner:
+def ours(base, method: str, batch: dict[str, np.ndarray], causal_block: int) -> Runner:
     model = apply_adapters(nnx.clone(base), load_method(method))
+    model.set_attention_backend("xla", causal_block=causal_block or None)
     reseed_dropout(model, 0)
     optimizer = OptimizerConfig(learning_rate=1e-4, total_steps=1000, max_grad_norm=1.0)
     graphdef, params, rng, rest = split_for_training(model)
@@ -89,7 +91,8 @@ def ours(base, method: str, batch: dict[str, np.ndarray]) -> Runner:
         jax.block_until_ready(metrics["loss"])
         state.update(params=p, opt=o, rng=r)
 
-    return Runner("difflora_jax", method, count_adapter_params(model), step)
+    attention = f"XLA, causal blocks of {causal_block}" if causal_block else "XLA, dense"
+    return Runner("difflora_jax", method, count_adapter_params(model), step, attention)
 
 
 def pytorch_peft(batch: dict[str, np.ndarray], threads: int) -> Runner:
@@ -127,7 +130,9 @@ def pytorch_peft(batch: dict[str, np.ndarray], threads: int) -> Runner:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return Runner("PyTorch + peft", "lora-r8", sum(p.numel() for p in params), step)
+    return Runner(
+        "PyTorch + peft", "lora-r8", sum(p.numel() for p in params), step, "eager (PyTorch)"
+    )
 
 
 def measure(runners: Sequence[Runner], repeats: int) -> None:
@@ -164,13 +169,14 @@ def render(runners: Sequence[Runner], args: argparse.Namespace, info: dict, took
         f"one step = forward + loss + backward to the adapters + clip + AdamW. Median of "
         f"{args.repeats} timed steps after one warm-up step (JAX: includes compilation).",
         "",
-        "| implementation | method | trainable params | step s | tokens/s | vs PyTorch + peft LoRA | first call s |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| implementation | method | attention | trainable params | step s | tokens/s | vs PyTorch + peft LoRA | first call s |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in runners:
         step = statistics.median(r.times)
         lines.append(
-            f"| {r.name} | {r.method} | {r.trainable:,} | {step:.2f} | {tokens / step:,.0f} | "
+            f"| {r.name} | {r.method} | {r.attention} | {r.trainable:,} | {step:.2f} | "
+            f"{tokens / step:,.0f} | "
             f"{tokens / step / ref_speed:.2f}x | {r.first_call_s:.1f} |"
         )
     lines.append(END)
@@ -194,13 +200,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--length", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--causal-blocks",
+        type=int,
+        nargs="+",
+        default=[256],
+        help="query-block sizes of the XLA attention to run each method with (0: dense)",
+    )
     p.add_argument("--torch-threads", type=int, default=len(__import__("os").sched_getaffinity(0)))
     p.add_argument("--write", type=Path, default=None)
     args = p.parse_args(argv)
     start, load_before = time.perf_counter(), load_average()
     base, _ = load_model(ALIAS, dtype="float32", with_tokenizer=False)
     batch = make_batch(args.batch, args.length, base.config.vocab_size)
-    runners = [ours(base, m, batch) for m in args.methods]
+    runners = [ours(base, m, batch, block) for m in args.methods for block in args.causal_blocks]
     runners.append(pytorch_peft(batch, args.torch_threads))
     measure(runners, args.repeats)
     section = render(
