@@ -18,7 +18,7 @@ Parameter names inside an adapted layer (paper vocabulary):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeGuard
 
 import jax
@@ -345,6 +345,23 @@ def write_back(model: nnx.Module, params: dict, rng: dict | None = None) -> None
         rng_state = nnx.state(model, nnx.RngState)
         nnx.replace_by_pure_dict(rng_state, rng)
         nnx.update(model, rng_state)
+
+
+def set_adapter_values(model: nnx.Module, values: Mapping[str, Any]) -> None:
+    """Set every adapter parameter of ``model`` from ``values`` (flat dotted paths, e.g.
+    ``"layers.0.attn.q_proj.lora.a"``), as float32; the names must be exactly the model's."""
+    variables = {
+        ".".join(str(p) for p in path): node
+        for path, node in nnx.iter_graph(model)
+        if isinstance(node, AdapterParam)
+    }
+    if set(variables) != set(values):
+        missing, extra = sorted(set(variables) - set(values)), sorted(set(values) - set(variables))
+        raise ValueError(
+            f"adapter values do not match the model: missing {missing[:4]}, unexpected {extra[:4]}"
+        )
+    for name, variable in variables.items():
+        variable.set_value(jnp.asarray(values[name], jnp.float32))
 
 
 def is_differential(attention_module: object) -> TypeGuard[DifferentialAttention]:

@@ -30,16 +30,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import jax.numpy as jnp
-from flax import nnx
-
 from difflora_jax.adapter_checkpoint import (
     read_adapter_checkpoint,
     read_checkpoint_meta,
     save_adapter_checkpoint,
 )
 from difflora_jax.errors import AssetNotFoundError, CheckpointError, ConfigError
-from difflora_jax.modeling.adapters import AdapterParam, apply_adapters
+from difflora_jax.modeling.adapters import apply_adapters, set_adapter_values
 from difflora_jax.modeling.llama import LlamaForCausalLM
 from difflora_jax.weights import peft_format, reference_format
 from difflora_jax.weights.adapter_files import check_output, staged_directory
@@ -147,16 +144,7 @@ def import_adapter(
     base = _load_base(source, str(directory))
     reader = peft_format.read_peft if format == "peft" else reference_format.read_reference
     adapter, params = reader(directory, base.config)
-    apply_adapters(base, adapter)
-    variables = {
-        ".".join(str(p) for p in path): node
-        for path, node in nnx.iter_graph(base)
-        if isinstance(node, AdapterParam)
-    }
-    if set(variables) != set(params):
-        raise AssertionError("the imported tensors do not cover the model's adapters exactly")
-    for name, variable in variables.items():
-        variable.set_value(jnp.asarray(params[name], jnp.float32))
+    set_adapter_values(apply_adapters(base, adapter), params)
     with staged_directory(out, "import") as staging:
         save_adapter_checkpoint(
             base,
