@@ -143,8 +143,8 @@ class TrainConfig:
 
     ``model``: a HF directory, ``.gguf`` file or alias, loaded with base weights in ``dtype``
     (adapters and optimizer state are float32 whatever it is). ``method``: a methods YAML path,
-    a method name in ``configs/methods`` (``difflora-32``) or an inline mapping of
-    ``AdapterConfig`` fields.
+    a named method shipped in ``difflora_jax/configs/methods`` (``difflora-32``) or an inline
+    mapping of ``AdapterConfig`` fields.
     ``batch_size`` sequences per optimizer update, split into ``grad_accum_steps``
     micro-batches; ``max_steps`` updates. ``seed`` seeds adapter dropout (``data.seed`` the
     data order). Everything lands in ``output_dir``: ``config.yaml``, ``metrics.jsonl``,
@@ -225,7 +225,7 @@ class TrainConfig:
 
     def adapter_config(self) -> AdapterConfig:
         """The method: the inline mapping, a methods YAML path, or a method name in
-        ``configs/methods`` (``difflora-32``)."""
+        ``difflora_jax/configs/methods`` (``difflora-32``)."""
         if isinstance(self.method, dict):
             return from_dict(AdapterConfig, self.method, where="method")
         try:
