@@ -29,6 +29,11 @@ from difflora_jax.modeling.attention import BACKENDS
 
 DATA_SOURCES = ("synthetic", "jsonl", "hf", "tfds", "random")
 BASE_DTYPES = ("float32", "bfloat16")
+# Generators of the adapter-dropout keys, the default first. Both draw i.i.d. Bernoulli masks
+# (the same dropout as PEFT's); they differ only in cost, which depends on the machine:
+# threefry2x32 drew a [4, 512, 576] mask in 6 ms against rbg's 20 ms on a 2-core AMD EPYC (see
+# docs/benchmarks.md for the whole train step).
+DROPOUT_PRNGS = ("threefry2x32", "rbg")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +151,8 @@ class TrainConfig:
     a named method shipped in ``difflora_jax/configs/methods`` (``difflora-32``) or an inline
     mapping of ``AdapterConfig`` fields.
     ``batch_size`` sequences per optimizer update, split into ``grad_accum_steps``
-    micro-batches; ``max_steps`` updates. ``seed`` seeds adapter dropout (``data.seed`` the
+    micro-batches; ``max_steps`` updates. ``seed`` seeds adapter dropout, whose keys come from
+    the generator ``dropout_prng`` (``data.seed`` the
     data order). Everything lands in ``output_dir``: ``config.yaml``, ``metrics.jsonl``,
     ``tensorboard/`` and ``checkpoints/`` (every ``save_every`` steps and at the end, the last
     ``keep_checkpoints`` kept).
@@ -172,12 +178,14 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 1
     attention_backend: str = "xla"
+    dropout_prng: str = DROPOUT_PRNGS[0]
 
     def validate(self) -> None:
         check_field(bool(self.model), "model", self.model, "a model directory, .gguf file or alias")
         check_field(bool(self.output_dir), "output_dir", self.output_dir, "a directory path")
         check_choice("dtype", self.dtype, BASE_DTYPES)
         check_choice("attention_backend", self.attention_backend, BACKENDS)
+        check_choice("dropout_prng", self.dropout_prng, DROPOUT_PRNGS)
         if isinstance(self.method, dict):
             try:
                 from_dict(AdapterConfig, self.method, where="method")

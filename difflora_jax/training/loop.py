@@ -44,7 +44,12 @@ from difflora_jax.modeling.adapters import apply_adapters, lambda_layers, write_
 from difflora_jax.modeling.llama import LlamaForCausalLM
 from difflora_jax.protocols import Tokenizer
 from difflora_jax.training.batches import build_batches
-from difflora_jax.training.config import RESUMABLE_CHANGES, OptimizerConfig, TrainConfig
+from difflora_jax.training.config import (
+    DROPOUT_PRNGS,
+    RESUMABLE_CHANGES,
+    OptimizerConfig,
+    TrainConfig,
+)
 from difflora_jax.training.metrics import MetricsLogger
 from difflora_jax.training.optimizer import learning_rate, make_optimizer
 from difflora_jax.training.step import split_for_training, train_step
@@ -83,18 +88,14 @@ class TrainResult:
     resumed_from: int | None
 
 
-# Dropout keys use the "rbg" generator: its random bits cost a fraction of threefry's on CPU and
-# GPU (a train step with adapter dropout 0.1 spends most of its extra time drawing masks).
-DROPOUT_PRNG = "rbg"
-
-
-def reseed_dropout(model: nnx.Module, seed: int) -> None:
-    """Give every dropout stream of ``model`` its own key derived from ``seed`` (count 0)."""
+def reseed_dropout(model: nnx.Module, seed: int, impl: str = DROPOUT_PRNGS[0]) -> None:
+    """Give every dropout stream of ``model`` its own key of generator ``impl`` (see
+    ``TrainConfig.dropout_prng``) derived from ``seed`` (count 0)."""
     keys = nnx.state(model, nnx.RngKey)
     if not jax.tree.leaves(keys):
         return
     pure = nnx.to_pure_dict(keys)
-    base = jax.random.key(seed, impl=DROPOUT_PRNG)
+    base = jax.random.key(seed, impl=impl)
     leaves, treedef = jax.tree.flatten(pure)
     fresh = [jax.random.fold_in(base, i) for i in range(len(leaves))]
     nnx.replace_by_pure_dict(keys, jax.tree.unflatten(treedef, fresh))
@@ -210,7 +211,7 @@ def _prepare(
             f"the model already carries adapters {model.adapter_config}, not the config's "
             f"method {adapter_config}"
         )
-    reseed_dropout(model, config.seed)
+    reseed_dropout(model, config.seed, config.dropout_prng)
     if batches is None:
         batches = build_batches(
             config.data, tokenizer, batch_size=config.batch_size, vocab_size=model.config.vocab_size

@@ -43,7 +43,7 @@ from generation_speed import DOC_HEADER, load_average, machine_info
 
 from difflora_jax.catalog import load_method
 from difflora_jax.modeling.adapters import apply_adapters, count_adapter_params
-from difflora_jax.training.config import OptimizerConfig
+from difflora_jax.training.config import DROPOUT_PRNGS, OptimizerConfig
 from difflora_jax.training.loop import reseed_dropout
 from difflora_jax.training.optimizer import make_optimizer
 from difflora_jax.training.step import split_for_training, train_step
@@ -76,10 +76,10 @@ def make_batch(batch: int, length: int, vocab: int) -> dict[str, np.ndarray]:
     }
 
 
-def ours(base, method: str, batch: dict[str, np.ndarray], causal_block: int) -> Runner:
+def ours(base, method: str, batch: dict[str, np.ndarray], causal_block: int, prng: str) -> Runner:
     model = apply_adapters(nnx.clone(base), load_method(method))
     model.set_attention_backend("xla", causal_block=causal_block or None)
-    reseed_dropout(model, 0)
+    reseed_dropout(model, 0, prng)
     optimizer = OptimizerConfig(learning_rate=1e-4, total_steps=1000, max_grad_norm=1.0)
     graphdef, params, rng, rest = split_for_training(model)
     state = {"params": params, "opt": make_optimizer(optimizer).init(params), "rng": rng}
@@ -92,6 +92,7 @@ def ours(base, method: str, batch: dict[str, np.ndarray], causal_block: int) -> 
         state.update(params=p, opt=o, rng=r)
 
     attention = f"XLA, causal blocks of {causal_block}" if causal_block else "XLA, dense"
+    attention += f"; {prng} dropout keys"
     return Runner("difflora_jax", method, count_adapter_params(model), step, attention)
 
 
@@ -169,7 +170,7 @@ def render(runners: Sequence[Runner], args: argparse.Namespace, info: dict, took
         f"one step = forward + loss + backward to the adapters + clip + AdamW. Median of "
         f"{args.repeats} timed steps after one warm-up step (JAX: includes compilation).",
         "",
-        "| implementation | method | attention | trainable params | step s | tokens/s | vs PyTorch + peft LoRA | first call s |",
+        "| implementation | method | attention, dropout keys | trainable params | step s | tokens/s | vs PyTorch + peft LoRA | first call s |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in runners:
@@ -207,13 +208,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[256],
         help="query-block sizes of the XLA attention to run each method with (0: dense)",
     )
+    p.add_argument(
+        "--dropout-prngs",
+        nargs="+",
+        default=[DROPOUT_PRNGS[0]],
+        choices=DROPOUT_PRNGS,
+        help="generators of the adapter-dropout keys to run each method with",
+    )
     p.add_argument("--torch-threads", type=int, default=len(__import__("os").sched_getaffinity(0)))
     p.add_argument("--write", type=Path, default=None)
     args = p.parse_args(argv)
     start, load_before = time.perf_counter(), load_average()
     base, _ = load_model(ALIAS, dtype="float32", with_tokenizer=False)
     batch = make_batch(args.batch, args.length, base.config.vocab_size)
-    runners = [ours(base, m, batch, block) for m in args.methods for block in args.causal_blocks]
+    runners = [
+        ours(base, m, batch, block, prng)
+        for m in args.methods
+        for block in args.causal_blocks
+        for prng in args.dropout_prngs
+    ]
     runners.append(pytorch_peft(batch, args.torch_threads))
     measure(runners, args.repeats)
     section = render(

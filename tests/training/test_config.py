@@ -212,3 +212,18 @@ def test_numbers_read_the_same_in_yaml_and_on_the_command_line(tmp_path):
     path.write_text("model: m\nmethod: difflora-32\noutput_dir: out\nlearning_rate: fast\n")
     with pytest.raises(ConfigError, match="'learning_rate' = 'fast': expected a number"):
         load_train_config(path)
+
+
+def test_dropout_generator_is_a_named_choice():
+    config = load_train_config(None, ["model=m", "method=difflora-32", "output_dir=o"])
+    assert config.dropout_prng == "threefry2x32"
+    assert (
+        load_train_config(
+            None, ["model=m", "method=lora-r8", "output_dir=o", "dropout_prng=rbg"]
+        ).dropout_prng
+        == "rbg"
+    )
+    with pytest.raises(ConfigError, match=r"'dropout_prng' = 'philox' is invalid"):
+        load_train_config(
+            None, ["model=m", "method=lora-r8", "output_dir=o", "dropout_prng=philox"]
+        )
