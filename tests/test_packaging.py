@@ -32,10 +32,9 @@ def _run(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory) -> tuple[Path, Path]:
-    """``(the fresh environment's bin directory, a working directory outside the repo)``."""
-    tmp = tmp_path_factory.mktemp("wheel")
-    dist = tmp / "dist"
+def wheel(tmp_path_factory) -> Path:
+    """The project's wheel, built (no dependencies) into a temporary directory."""
+    dist = tmp_path_factory.mktemp("dist")
     built = _run(
         [
             sys.executable,
@@ -48,10 +47,17 @@ def installed(tmp_path_factory) -> tuple[Path, Path]:
             str(dist),
             str(ROOT),
         ],
-        cwd=tmp,
+        cwd=dist,
     )
     assert built.returncode == 0, built.stdout + built.stderr
-    (wheel,) = dist.glob("difflora_jax-*.whl")
+    (path,) = dist.glob("difflora_jax-*.whl")
+    return path
+
+
+@pytest.fixture(scope="module")
+def installed(wheel, tmp_path_factory) -> tuple[Path, Path]:
+    """``(the fresh environment's bin directory, a working directory outside the repo)``."""
+    tmp = tmp_path_factory.mktemp("wheel")
     env_dir = tmp / "env"
     venv.EnvBuilder(with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
@@ -69,23 +75,7 @@ def installed(tmp_path_factory) -> tuple[Path, Path]:
     return env_dir / "bin", outside
 
 
-def test_the_wheel_carries_the_named_models_and_methods(tmp_path):
-    built = _run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-w",
-            str(tmp_path),
-            str(ROOT),
-        ],
-        cwd=tmp_path,
-    )
-    assert built.returncode == 0, built.stderr
-    (wheel,) = tmp_path.glob("difflora_jax-*.whl")
+def test_the_wheel_carries_the_named_models_and_methods(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     for method in sorted((ROOT / "difflora_jax" / "configs" / "methods").glob("*.yaml")):
         assert f"difflora_jax/configs/methods/{method.name}" in names
