@@ -136,6 +136,11 @@ class ModelConfig:
 
 
 ADAPTER_METHODS = ("lora", "difflora")
+# What a decoder layer keeps for the backward pass (modeling.llama.REMAT): everything
+# ("none"), only its input ("full"), or the outputs of its matmuls ("dots_saveable"), of the
+# matmuls without a batch dimension, i.e. the projections but not the attention maps
+# ("dots_with_no_batch_dims_saveable").
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 NEGATIVE_TERMS = ("adapters", "base_plus_adapters", "full")
 LAMBDA_MODES = ("learned", "fixed")

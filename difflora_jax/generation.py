@@ -69,30 +69,40 @@ def left_pad(
     return input_ids, mask, np.asarray(default_positions(mask))
 
 
-@jit_donating(static_argnums=(0,), donate_argnums=(5,))
+@jax.jit(static_argnums=(0,))
+def stack_layers(graphdef: nnx.GraphDef, state: nnx.State) -> tuple[nnx.State, ...]:
+    """``model.stack_layers()`` of ``nnx.split(model)``, jitted: what ``prefill`` and decoding
+    read instead of the per-layer weights (stacked once per generation call, not per token)."""
+    return nnx.merge(graphdef, state).stack_layers()
+
+
+@jit_donating(static_argnums=(0,), donate_argnums=(6,))
 def prefill(
     graphdef: nnx.GraphDef,
     state: nnx.State,
+    stacks: tuple[nnx.State, ...],
     input_ids: jax.Array,
     attention_mask: jax.Array,
     positions: jax.Array,
     cache: KVCache,
 ) -> tuple[jax.Array, KVCache]:
-    """Jitted prefill of ``nnx.split(model)``: last-position logits ``[batch, vocab]`` and the
-    cache holding the prompt (donated off CPU). ``left_pad`` makes its inputs."""
+    """Jitted prefill of ``nnx.split(model)`` (with ``stack_layers`` of it): last-position
+    logits ``[batch, vocab]`` and the cache holding the prompt (donated off CPU). ``left_pad``
+    makes its inputs."""
     model = nnx.merge(graphdef, state)
     logits, cache = model.forward(
-        input_ids, attention_mask, positions=positions, cache=cache, last_only=True
+        input_ids, attention_mask, positions=positions, cache=cache, last_only=True, stacks=stacks
     )
     return logits[:, -1], cache
 
 
 @jit_donating(
-    static_argnums=(0,), static_argnames=("steps", "greedy", "nucleus"), donate_argnums=(2,)
+    static_argnums=(0,), static_argnames=("steps", "greedy", "nucleus"), donate_argnums=(3,)
 )
 def _decode_chunk(
     graphdef,
     state,
+    stacks,
     cache,
     logits,
     positions,
@@ -121,7 +131,7 @@ def _decode_chunk(
         done = done | jnp.isin(token, eos_ids)
         ones = jnp.ones((token.shape[0], 1), jnp.int32)
         new_logits, cache = model.forward(
-            token[:, None], ones, positions=positions[:, None], cache=cache
+            token[:, None], ones, positions=positions[:, None], cache=cache, stacks=stacks
         )
         return (cache, new_logits[:, 0], positions + 1, done), (token, emitted)
 
@@ -215,8 +225,15 @@ def generate_ids(
     model = nnx.view(model, only=nnx.Dropout, deterministic=True, raise_if_not_found=False)
     graphdef, state = nnx.split(model)
     cache = model.init_cache(batch, prompt_len + steps_total)
+    stacks = stack_layers(graphdef, state)
     logits, cache = prefill(
-        graphdef, state, jnp.asarray(input_ids), jnp.asarray(mask), jnp.asarray(positions), cache
+        graphdef,
+        state,
+        stacks,
+        jnp.asarray(input_ids),
+        jnp.asarray(mask),
+        jnp.asarray(positions),
+        cache,
     )
     next_positions = jnp.asarray(positions[:, -1] + 1)
     done = jnp.zeros((batch,), bool)
@@ -231,6 +248,7 @@ def generate_ids(
         tokens, emitted, cache, logits, next_positions, done = _decode_chunk(
             graphdef,
             state,
+            stacks,
             cache,
             logits,
             next_positions,

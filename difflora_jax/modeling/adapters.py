@@ -27,7 +27,7 @@ from flax import nnx
 
 from difflora_jax.config import LORA_TARGETS, AdapterConfig, ModelConfig
 from difflora_jax.modeling.attention import attention, attention_probs, write_kv
-from difflora_jax.modeling.llama import Attention, LlamaForCausalLM, Projection
+from difflora_jax.modeling.llama import Attention, LayerConstant, LlamaForCausalLM, Projection
 from difflora_jax.modeling.rope import apply_rope
 
 
@@ -138,10 +138,15 @@ class DifferentialAttention(nnx.Module):
     """
 
     def __init__(
-        self, base: Attention, config: ModelConfig, adapter: AdapterConfig, rngs: nnx.Rngs
+        self,
+        base: Attention,
+        config: ModelConfig,
+        adapter: AdapterConfig,
+        rngs: nnx.Rngs,
+        *,
+        layer_index: int,
     ):
         e, h, kv, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-        self.layer_index = base.layer_index
         self.num_heads = h
         self.num_kv_heads = kv
         self.attention_backend = base.attention_backend
@@ -192,7 +197,8 @@ class DifferentialAttention(nnx.Module):
             if adapter.lora_o
             else None
         )
-        self.lambda_init = adapter.lambda_init_for(self.layer_index)
+        # data, not a Python float: layers that differ only in lambda_init scan as one
+        self.lambda_init = LayerConstant(jnp.float32(adapter.lambda_init_for(layer_index)))
         self.learned_lambda = adapter.lambda_mode == "learned"
         if self.learned_lambda:
             vectors = [0.1 * jax.random.normal(rngs.params(), (d,), jnp.float32) for _ in range(4)]
@@ -226,10 +232,10 @@ class DifferentialAttention(nnx.Module):
     def lambda_value(self) -> jax.Array:
         """lambda (float32 scalar): exp(q1.k1) - exp(q2.k2) + lambda_init, or the fixed value."""
         if not self.learned_lambda:
-            return jnp.float32(self.lambda_init)
+            return self.lambda_init[...]
         positive = jnp.exp(jnp.sum(self.lambda_q1[...] * self.lambda_k1[...]))
         negative = jnp.exp(jnp.sum(self.lambda_q2[...] * self.lambda_k2[...]))
-        return positive - negative + jnp.float32(self.lambda_init)
+        return positive - negative + self.lambda_init[...]
 
     def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
         h = self.num_heads
@@ -272,7 +278,7 @@ class DifferentialAttention(nnx.Module):
             out = both[:, :, :h].astype(jnp.float32) - lam * both[:, :, h:].astype(jnp.float32)
         if self.group_norm is not None:
             out = out * jax.lax.rsqrt(jnp.mean(out * out, axis=-1, keepdims=True) + 1e-5)
-            out = out * self.group_norm[...] * (1.0 - self.lambda_init)
+            out = out * self.group_norm[...] * (1.0 - self.lambda_init[...])
         y = self.o_proj(out.astype(query.dtype))
         if self.output_branch is not None:
             y = y + self.output_branch(x).astype(y.dtype)
@@ -317,7 +323,7 @@ def apply_adapters(model: LlamaForCausalLM, adapter: AdapterConfig) -> LlamaForC
         else:
             base = layer.attn
             assert isinstance(base, Attention)  # a model without adapters has base attention
-            layer.attn = DifferentialAttention(base, model.config, adapter, rngs)
+            layer.attn = DifferentialAttention(base, model.config, adapter, rngs, layer_index=i)
             if adapter.lora_mlp:
                 for target in ("gate", "up", "down"):
                     add_lora(target_projection(layer, target), adapter, rngs)

@@ -122,10 +122,11 @@ def attention_probs(
 class KVCache:
     """Preallocated keys and values for every layer, plus which slots hold real tokens.
 
-    keys[i], values[i]: ``[batch, max_length, heads, head_dim]`` with the heads layer i caches
-    (see ``create``); key_valid:
-    ``[batch, max_length]``; index: the next slot to write (the same for the whole batch, since
-    prompts are left-padded to one length).
+    The layers are held in runs (what the model scans over as one, see
+    ``LlamaForCausalLM.layer_runs``): ``keys[r]``, ``values[r]`` are ``[run length, batch,
+    max_length, heads, head_dim]`` with the heads the run's layers cache; ``layer(i)`` gives
+    layer ``i``'s pair. key_valid: ``[batch, max_length]``; index: the next slot to write (the
+    same for the whole batch, since prompts are left-padded to one length).
     """
 
     keys: tuple[jax.Array, ...]
@@ -141,13 +142,27 @@ class KVCache:
         max_length: int,
         head_dim: int,
         dtype: jnp.dtype,
+        runs: Sequence[int] | None = None,
     ) -> KVCache:
         """A zeroed cache; ``heads[i] = (key heads, value heads)`` that layer i caches per token
         (each attention module says so in its ``cache_heads``: a standard layer caches
-        ``(kv_heads, kv_heads)``, a differential one K1 and K2 stacked and the shared V)."""
+        ``(kv_heads, kv_heads)``, a differential one K1 and K2 stacked and the shared V).
+        ``runs``: the lengths of the runs of consecutive layers stored together (default: one
+        layer each); the layers of a run must cache the same heads."""
+        runs = [1] * len(heads) if runs is None else list(runs)
+        if sum(runs) != len(heads):
+            raise ValueError(f"runs {runs} do not cover {len(heads)} layers")
+        keys, values, start = [], [], 0
+        for length in runs:
+            run_heads = set(heads[start : start + length])
+            if len(run_heads) != 1:
+                raise ValueError(f"layers {start}..{start + length - 1} cache different heads")
+            (k, v), start = run_heads.pop(), start + length
+            keys.append(jnp.zeros((length, batch, max_length, k, head_dim), dtype))
+            values.append(jnp.zeros((length, batch, max_length, v, head_dim), dtype))
         return cls(
-            keys=tuple(jnp.zeros((batch, max_length, k, head_dim), dtype) for k, _ in heads),
-            values=tuple(jnp.zeros((batch, max_length, v, head_dim), dtype) for _, v in heads),
+            keys=tuple(keys),
+            values=tuple(values),
             key_valid=jnp.zeros((batch, max_length), bool),
             index=jnp.zeros((), jnp.int32),
         )
@@ -155,6 +170,14 @@ class KVCache:
     @property
     def max_length(self) -> int:
         return self.key_valid.shape[1]
+
+    def layer(self, i: int) -> tuple[jax.Array, jax.Array]:
+        """Layer ``i``'s ``(keys, values)``, each ``[batch, max_length, heads, head_dim]``."""
+        for keys, values in zip(self.keys, self.values):
+            if i < keys.shape[0]:
+                return keys[i], values[i]
+            i -= keys.shape[0]
+        raise IndexError("layer index out of range")
 
 
 def write_kv(cache_kv: jax.Array, new_kv: jax.Array, index: jax.Array) -> jax.Array:

@@ -31,7 +31,8 @@ import numpy as np
 from flax import nnx
 from jax.typing import DTypeLike
 
-from difflora_jax.config import AdapterConfig, ModelConfig
+from difflora_jax.config import REMAT_POLICIES, AdapterConfig, ModelConfig
+from difflora_jax.errors import ConfigError
 from difflora_jax.modeling.attention import (
     DEFAULT_CAUSAL_BLOCK,
     KVCache,
@@ -42,6 +43,15 @@ from difflora_jax.modeling.attention import (
 from difflora_jax.modeling.rope import apply_rope, inverse_frequencies, rope_angles
 
 _INIT = jax.nn.initializers.normal(stddev=0.02)
+
+# config.REMAT_POLICIES -> the jax.checkpoint policy of one decoder layer (None: no remat)
+REMAT = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+assert tuple(REMAT) == REMAT_POLICIES
 
 LayerCache = tuple[jax.Array, jax.Array]  # one layer's (keys, values) in the KV cache
 
@@ -136,20 +146,24 @@ class RMSNorm(nnx.Module):
         return scale * normed.astype(scale.dtype)
 
 
+class LayerConstant(nnx.Variable):
+    """A per-layer constant held as data, not as a Python attribute (e.g. a layer's
+    lambda_init): layers that differ only in such values share one graph, so one scan runs
+    them. Never trained (filters over ``AdapterParam`` or ``nnx.Param`` skip it)."""
+
+
 class Attention(nnx.Module):
     """Grouped-query self-attention with RoPE; the base for the differential variant."""
 
     def __init__(
         self,
         config: ModelConfig,
-        layer_index: int,
         *,
         dtype: DTypeLike,
         attention_backend: str,
         rngs: nnx.Rngs,
     ):
         e, h, kv, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-        self.layer_index = layer_index
         self.num_heads = h
         self.attention_backend = attention_backend
         self.causal_block: int | None = DEFAULT_CAUSAL_BLOCK
@@ -219,7 +233,6 @@ class DecoderLayer(nnx.Module):
     def __init__(
         self,
         config: ModelConfig,
-        layer_index: int,
         *,
         dtype: DTypeLike,
         attention_backend: str,
@@ -227,7 +240,7 @@ class DecoderLayer(nnx.Module):
     ):
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.attn: AttentionLayer = Attention(
-            config, layer_index, dtype=dtype, attention_backend=attention_backend, rngs=rngs
+            config, dtype=dtype, attention_backend=attention_backend, rngs=rngs
         )
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(config, dtype=dtype, rngs=rngs)
@@ -270,11 +283,15 @@ class LlamaForCausalLM(nnx.Module):
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
         self.layers = nnx.List(
             [
-                DecoderLayer(config, i, dtype=dtype, attention_backend=attention_backend, rngs=rngs)
-                for i in range(config.num_layers)
+                DecoderLayer(config, dtype=dtype, attention_backend=attention_backend, rngs=rngs)
+                for _ in range(config.num_layers)
             ]
         )
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        # how the layers run (set_layer_execution): under lax.scan, and what each keeps for
+        # the backward pass
+        self.scan_layers = True
+        self.remat = "none"
         # set by modeling.adapters.apply_adapters
         self.adapter_config: AdapterConfig | None = None
         if not config.tie_word_embeddings:
@@ -295,6 +312,79 @@ class LlamaForCausalLM(nnx.Module):
         for layer in self.layers:
             layer.attn.attention_backend = backend
             layer.attn.causal_block = causal_block
+
+    def set_layer_execution(self, *, scan: bool | None = None, remat: str | None = None) -> None:
+        """How the decoder layers run. ``scan``: each run of consecutive layers of one structure
+        (``layer_runs``) goes through one ``lax.scan`` over their stacked parameters (compiled
+        once, not once per layer); False unrolls them (the same numbers). ``remat``: what each
+        layer keeps for the backward pass (``config.REMAT_POLICIES``)."""
+        if scan is not None:
+            self.scan_layers = bool(scan)
+        if remat is not None:
+            if remat not in REMAT:
+                raise ConfigError(f"remat {remat!r} is not one of {list(REMAT)}")
+            self.remat = remat
+
+    def layer_runs(self) -> tuple[tuple[int, int], ...]:
+        """``(start, stop)`` of each run of consecutive layers that execute as one scan: layers
+        of one structure (same modules and shapes; adapters on a subset of layers split the
+        stack). One layer per run when ``scan_layers`` is off."""
+        n = len(self.layers)
+        if not self.scan_layers:
+            return tuple((i, i + 1) for i in range(n))
+        graphdefs = [nnx.graphdef(layer) for layer in self.layers]
+        runs, start = [], 0
+        for i in range(1, n + 1):
+            if i == n or graphdefs[i] != graphdefs[start]:
+                runs.append((start, i))
+                start = i
+        return tuple(runs)
+
+    def stack_layers(self) -> tuple[nnx.State, ...]:
+        """Each run's layer states stacked on a new leading ``layers`` axis (what the scan
+        reads). ``forward`` stacks them itself; generation stacks once and passes them in, so
+        that each decoding step reads the weights without copying them."""
+        stacks = []
+        for start, stop in self.layer_runs():
+            states = [nnx.state(self.layers[i]) for i in range(start, stop)]
+            stacks.append(jax.tree.map(lambda *a: jnp.stack(a), *states))
+        return tuple(stacks)
+
+    def _run_layers(self, start, stop, x, rope, mask, cache, index, stack):
+        """Layers ``start..stop-1`` (one run) on ``x``: one ``lax.scan`` over their stacked
+        states (or a direct call for a run of one). ``cache``: the run's stacked (keys, values)
+        or None. The layers' dropout RNG states advance as if each had been called."""
+        layers = [self.layers[i] for i in range(start, stop)]
+        graphdef = nnx.graphdef(layers[0])
+        cos, sin = rope
+
+        def body(carry, xs):
+            x, keys, values = carry
+            state, j = xs
+            layer = nnx.merge(graphdef, state)
+            layer_cache = None if keys is None else (keys[j], values[j])
+            x, layer_cache = layer(x, cos, sin, mask, layer_cache, index)
+            if layer_cache is not None:
+                assert keys is not None and values is not None  # a cache in, a cache out
+                keys, values = keys.at[j].set(layer_cache[0]), values.at[j].set(layer_cache[1])
+            return (x, keys, values), nnx.state(layer, nnx.RngState)
+
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT[self.remat], prevent_cse=len(layers) == 1)
+        carry = (x, *(cache if cache is not None else (None, None)))
+        if len(layers) == 1:
+            state = nnx.state(layers[0]) if stack is None else jax.tree.map(lambda a: a[0], stack)
+            carry, rng = body(carry, (state, 0))
+            rngs = [rng]
+        else:
+            if stack is None:
+                stack = jax.tree.map(lambda *a: jnp.stack(a), *[nnx.state(v) for v in layers])
+            carry, rng = jax.lax.scan(body, carry, (stack, jnp.arange(len(layers))))
+            rngs = [jax.tree.map(lambda a, j=j: a[j], rng) for j in range(len(layers))]
+        for layer, layer_rng in zip(layers, rngs):
+            nnx.update(layer, layer_rng)  # the dropout streams advanced inside
+        x, keys, values = carry
+        return x, None if cache is None else (keys, values)
 
     def __call__(
         self,
@@ -325,11 +415,13 @@ class LlamaForCausalLM(nnx.Module):
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        stacks: Sequence[nnx.State] | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Logits and, when ``cache`` is given, the cache with these tokens written at its index.
 
         ``last_only``: logits of the last position only (``[batch, 1, vocab]``), skipping the LM
-        head elsewhere (prefill needs no more)."""
+        head elsewhere (prefill needs no more). ``stacks``: ``stack_layers()`` computed once by
+        the caller (the layers' own parameters are then not read)."""
         batch, length = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((batch, length), jnp.int32)
@@ -352,12 +444,15 @@ class LlamaForCausalLM(nnx.Module):
         cos, sin = rope_angles(positions, inverse_frequencies(self.config))
         x = self.embed_tokens(input_ids)  # [batch, length, embed]
         new_keys, new_values = [], []
-        for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-            x, layer_cache = layer(x, cos, sin, mask, layer_cache, index)
-            if layer_cache is not None:
-                new_keys.append(layer_cache[0])
-                new_values.append(layer_cache[1])
+        for r, (start, stop) in enumerate(self.layer_runs()):
+            run_cache = None if cache is None else (cache.keys[r], cache.values[r])
+            stack = None if stacks is None else stacks[r]
+            x, run_cache = self._run_layers(
+                start, stop, x, (cos, sin), mask, run_cache, index, stack
+            )
+            if run_cache is not None:
+                new_keys.append(run_cache[0])
+                new_values.append(run_cache[1])
         if last_only:
             x = x[:, -1:]
         x = self.final_norm(x)
@@ -378,7 +473,8 @@ class LlamaForCausalLM(nnx.Module):
         """An empty KV cache for ``batch`` sequences of up to ``max_length`` tokens."""
         dtype = self.embed_tokens.embedding[...].dtype
         heads = [layer.attn.cache_heads for layer in self.layers]
-        return KVCache.create(heads, batch, max_length, self.config.head_dim, dtype)
+        runs = [stop - start for start, stop in self.layer_runs()]
+        return KVCache.create(heads, batch, max_length, self.config.head_dim, dtype, runs)
 
 
 def default_positions(attention_mask: jax.Array | np.ndarray) -> jax.Array:

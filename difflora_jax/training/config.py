@@ -16,6 +16,7 @@ import yaml
 
 from difflora_jax.catalog import load_method
 from difflora_jax.config import (
+    REMAT_POLICIES,
     AdapterConfig,
     check_choice,
     check_field,
@@ -131,7 +132,8 @@ class OptimizerConfig:
 
 
 # Fields a resumed run may change: bookkeeping, and where the model is found (the checkpoint's
-# base-model fingerprint still has to match) or which attention kernel computes the same math.
+# base-model fingerprint still has to match) or how the same math is computed (attention
+# kernel, scanned or unrolled layers, remat).
 RESUMABLE_CHANGES = (
     "save_every",
     "keep_checkpoints",
@@ -139,6 +141,8 @@ RESUMABLE_CHANGES = (
     "output_dir",
     "model",
     "attention_backend",
+    "scan_layers",
+    "remat",
 )
 
 
@@ -153,7 +157,10 @@ class TrainConfig:
     ``batch_size`` sequences per optimizer update, split into ``grad_accum_steps``
     micro-batches; ``max_steps`` updates. ``seed`` seeds adapter dropout, whose keys come from
     the generator ``dropout_prng`` (``data.seed`` the
-    data order). Everything lands in ``output_dir``: ``config.yaml``, ``metrics.jsonl``,
+    data order). ``scan_layers``: the decoder layers run under one ``lax.scan`` (compiled once,
+    not once per layer; False unrolls them, same numbers); ``remat``: what each layer keeps
+    for the backward pass (``none``, ``full``, ``dots_saveable``,
+    ``dots_with_no_batch_dims_saveable``: the projections but not the attention maps). Everything lands in ``output_dir``: ``config.yaml``, ``metrics.jsonl``,
     ``tensorboard/`` and ``checkpoints/`` (every ``save_every`` steps and at the end, the last
     ``keep_checkpoints`` kept).
     """
@@ -179,6 +186,8 @@ class TrainConfig:
     log_every: int = 1
     attention_backend: str = "xla"
     dropout_prng: str = DROPOUT_PRNGS[0]
+    scan_layers: bool = True
+    remat: str = "none"
 
     def validate(self) -> None:
         check_field(bool(self.model), "model", self.model, "a model directory, .gguf file or alias")
@@ -186,6 +195,7 @@ class TrainConfig:
         check_choice("dtype", self.dtype, BASE_DTYPES)
         check_choice("attention_backend", self.attention_backend, BACKENDS)
         check_choice("dropout_prng", self.dropout_prng, DROPOUT_PRNGS)
+        check_choice("remat", self.remat, REMAT_POLICIES)
         if isinstance(self.method, dict):
             try:
                 from_dict(AdapterConfig, self.method, where="method")

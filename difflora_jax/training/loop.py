@@ -212,6 +212,7 @@ def _prepare(
             f"method {adapter_config}"
         )
     reseed_dropout(model, config.seed, config.dropout_prng)
+    model.set_layer_execution(scan=config.scan_layers, remat=config.remat)
     if batches is None:
         batches = build_batches(
             config.data, tokenizer, batch_size=config.batch_size, vocab_size=model.config.vocab_size

@@ -19,6 +19,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -43,7 +44,15 @@ def _unfoldable(model: LlamaForCausalLM) -> list[str]:
         attn = layer.attn
         if not is_differential(attn):
             continue
-        lam = float(attn.lambda_value())
+        if isinstance(attn.lambda_init.get_value(), jax.ShapeDtypeStruct):
+            # a model of shapes only (nnx.eval_shape): a fixed lambda is known from the config
+            adapter = model.adapter_config
+            if adapter is not None and adapter.lambda_mode == "fixed":
+                lam = adapter.lambda_init_for(i)
+            else:
+                lam = 0.0
+        else:
+            lam = float(attn.lambda_value())
         if lam != 0.0:
             problems.append(
                 f"layer {i}: lambda = {lam:.6g}, so the negative term "

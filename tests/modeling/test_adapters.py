@@ -28,7 +28,7 @@ from difflora_jax.catalog import configs_dir, model_shape
 from difflora_jax.config import AdapterConfig, ModelConfig, load_yaml
 from difflora_jax.errors import ConfigError
 from difflora_jax.modeling.adapters import AdapterParam, apply_adapters, count_adapter_params
-from difflora_jax.modeling.llama import LlamaForCausalLM
+from difflora_jax.modeling.llama import LayerConstant, LlamaForCausalLM
 from tests.modeling.reference_difflora import TrackedParams, reference_logits
 from tests.tiny import TINY, tiny_config
 from tests.variants import DIFF_VARIANTS, LORA_VARIANTS, difflora, lora
@@ -309,16 +309,20 @@ def test_trainable_set_is_what_the_spec_names(base_models, adapter):
 
 
 def test_param_filters_partition_the_state(base_models):
-    """Param, AdapterParam and the dropout RNG state split the model with no overlap and no
-    remainder; frozen base weights are Param only, the trainable set AdapterParam only."""
+    """Param, AdapterParam, the dropout RNG state and the per-layer constants (lambda_init)
+    split the model with no overlap and no remainder; frozen base weights are Param only, the
+    trainable set AdapterParam only."""
     adapter = difflora(dropout=0.1, lora_v=True, lora_o=True, lora_mlp=True, group_norm=True)
     model = adapted(base_models, "gqa", adapter, randomize=False)
     assert not issubclass(AdapterParam, nnx.Param)
-    _, params, adapters, rng_state = nnx.split(model, nnx.Param, AdapterParam, nnx.RngState)
+    _, params, adapters, rng_state, constants = nnx.split(
+        model, nnx.Param, AdapterParam, nnx.RngState, LayerConstant
+    )
     flat = {
         "param": nnx.to_flat_state(params),
         "adapter": nnx.to_flat_state(adapters),
         "rng": nnx.to_flat_state(rng_state),
+        "constant": nnx.to_flat_state(constants),
     }
     assert all(
         isinstance(v, nnx.Param) and not isinstance(v, AdapterParam) for _, v in flat["param"]
@@ -327,7 +331,8 @@ def test_param_filters_partition_the_state(base_models):
     assert all(isinstance(v, nnx.RngState) for _, v in flat["rng"])
     paths = {key: {p for p, _ in items} for key, items in flat.items()}
     everything = {p for p, _ in nnx.to_flat_state(nnx.state(model))}
-    assert paths["param"] | paths["adapter"] | paths["rng"] == everything
+    assert {p[2:] for p in paths["constant"]} == {("attn", "lambda_init")}
+    assert paths["param"] | paths["adapter"] | paths["rng"] | paths["constant"] == everything
     assert sum(len(p) for p in paths.values()) == len(everything)  # disjoint
     assert len(paths["rng"]) > 0  # dropout > 0 does carry RNG state
     # The filters used for training see exactly these sets.
@@ -631,7 +636,8 @@ def test_cached_decoding_equals_full_recomputation(base_models, adapter):
     prompt = 4
     cache = model.init_cache(2, IDS.shape[1])
     kv = model.config.num_kv_heads
-    for i, keys in enumerate(cache.keys):  # an adapted layer caches K1 and K2
+    for i in range(model.config.num_layers):  # an adapted layer caches K1 and K2
+        keys, _ = cache.layer(i)
         differential = adapter.layers is None or i in adapter.layers
         assert keys.shape[2] == (2 * kv if differential else kv)
     positions = np.maximum(np.cumsum(MASK, 1) - 1, 0).astype(np.int32)

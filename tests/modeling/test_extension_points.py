@@ -20,8 +20,10 @@ ADAPTER = AdapterConfig(method="difflora", rank=4, alpha=8.0, negative_term="ada
 class OwnValueAttention(DifferentialAttention):
     """A variant whose negative map reads its own V2 = X W_V + s X A B (a test-only variant)."""
 
-    def __init__(self, base: Attention, config: ModelConfig, adapter: AdapterConfig, rngs):
-        super().__init__(base, config, adapter, rngs)
+    def __init__(
+        self, base: Attention, config: ModelConfig, adapter: AdapterConfig, rngs, *, layer_index
+    ):
+        super().__init__(base, config, adapter, rngs, layer_index=layer_index)
         kv, d, e = config.num_kv_heads, config.head_dim, config.hidden_size
         self.negative_v = LowRank(
             (e,),
@@ -65,9 +67,10 @@ def test_the_cache_holds_each_layers_own_heads():
     model = _model()
     cache = model.init_cache(batch=3, max_length=16)
     kv, d = CONFIG.num_kv_heads, CONFIG.head_dim
-    assert cache.keys[0].shape == (3, 16, kv, d)  # layer 0: a plain Llama layer
-    assert cache.keys[1].shape == (3, 16, 2 * kv, d)  # layer 1: K1 and K2
-    assert cache.values[0].shape == cache.values[1].shape == (3, 16, kv, d)  # V shared
+    (k0, v0), (k1, v1) = cache.layer(0), cache.layer(1)
+    assert k0.shape == (3, 16, kv, d)  # layer 0: a plain Llama layer
+    assert k1.shape == (3, 16, 2 * kv, d)  # layer 1: K1 and K2
+    assert v0.shape == v1.shape == (3, 16, kv, d)  # V shared
     assert _decode_matches_full_forward(model) < 1e-5
 
 
@@ -77,10 +80,10 @@ def test_a_variant_with_its_own_value_needs_one_subclass():
     model = apply_adapters(plain, ADAPTER)
     shared = np.asarray(model(jnp.arange(9, dtype=jnp.int32)[None]))
     model.layers[1].attn = OwnValueAttention(
-        base_attention, CONFIG, ADAPTER, nnx.Rngs(ADAPTER.seed)
+        base_attention, CONFIG, ADAPTER, nnx.Rngs(ADAPTER.seed), layer_index=1
     )
     cache = model.init_cache(batch=2, max_length=16)
-    assert cache.values[1].shape == (2, 16, 2 * CONFIG.num_kv_heads, CONFIG.head_dim)
+    assert cache.layer(1)[1].shape == (2, 16, 2 * CONFIG.num_kv_heads, CONFIG.head_dim)
     own = np.asarray(model(jnp.arange(9, dtype=jnp.int32)[None]))
     assert np.abs(own - shared).max() > 1e-3  # the negative map now reads V2
     assert _decode_matches_full_forward(model) < 1e-5
