@@ -42,8 +42,8 @@ lint: setup-test
 	$(BIN)/pyright
 
 bench: setup-test
-	$(BIN)/python experiments/benchmarks/generation_speed.py --write docs/benchmarks.md
-	$(BIN)/python experiments/benchmarks/train_speed.py --write docs/benchmarks.md
+	$(BIN)/difflora bench generate --peers --write docs/benchmarks.md
+	$(BIN)/difflora bench train --peers --shapes 1x2048 --write docs/benchmarks.md
 
 results: setup
 	$(BIN)/python experiments/main_job.py --write docs/results.md

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
+from difflora_jax.config import DROPOUT_PRNGS, REMAT_POLICIES
 from difflora_jax.errors import DiffLoRAError
 
 
@@ -157,7 +160,82 @@ def build_parser() -> argparse.ArgumentParser:
         help="the base model (default: the one the adapter's config names: PEFT's "
         "base_model_name_or_path, the reference config's _name_or_path)",
     )
+    _add_bench_parser(commands)
     return parser
+
+
+def _shapes(text: str) -> list[tuple[int, int]]:
+    """``4x512,1x2048`` -> ``[(4, 512), (1, 2048)]``."""
+    try:
+        shapes = [tuple(int(n) for n in item.lower().split("x")) for item in text.split(",")]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of BATCHxLENGTH, e.g. 4x512")
+    return [(s[0], s[1]) for s in shapes]
+
+
+def _int_list(text: str) -> list[int]:
+    values = [_positive_int(item) for item in text.split(",")]
+    return values
+
+
+def _add_bench_parser(commands) -> None:
+    bench = commands.add_parser(
+        "bench", help="measure train-step or generation speed (writes docs/benchmarks.md)"
+    )
+    kinds = bench.add_subparsers(dest="kind", required=True, metavar="KIND", parser_class=_Parser)
+    for name, text in (
+        ("train", "train-step time, compile time and MFU, optionally against PyTorch peers"),
+        ("generate", "prefill and decode speed, optionally against transformers"),
+    ):
+        p = kinds.add_parser(name, help=text)
+        p.add_argument(
+            "--model",
+            default="smollm2-135m-instruct",
+            help="a checkpoint, an alias, or a shape name (llama-3.2-1b: random weights)",
+        )
+        p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+        p.add_argument("--repeats", type=_positive_int, default=3)
+        p.add_argument(
+            "--peers", action="store_true", help="also time the PyTorch peers (needs torch)"
+        )
+        p.add_argument("--torch-threads", type=_positive_int, default=len(os.sched_getaffinity(0)))
+        p.add_argument("--write", help="write the section into this markdown file")
+        if name == "train":
+            p.add_argument("--methods", default="lora-r8,difflora-32", help="comma-separated")
+            p.add_argument("--batch", type=_positive_int, default=4)
+            p.add_argument("--seq-len", type=_positive_int, default=512)
+            p.add_argument(
+                "--shapes", type=_shapes, default=[], help="more BATCHxLENGTH shapes: 1x2048"
+            )
+            p.add_argument("--causal-block", type=int, default=256, help="0: dense attention")
+            p.add_argument("--dropout-prng", choices=DROPOUT_PRNGS, default=DROPOUT_PRNGS[0])
+            p.add_argument("--remat", choices=REMAT_POLICIES, default="none")
+            p.add_argument(
+                "--also-unrolled", action="store_true", help="time unrolled layers as well"
+            )
+        else:
+            p.add_argument("--method", help="add fresh adapters of this method (default: none)")
+            p.add_argument("--batches", type=_int_list, default=[1, 4], help="e.g. 1,4")
+            p.add_argument("--prompt-tokens", type=_positive_int, default=128)
+            p.add_argument("--new-tokens", type=_positive_int, default=64)
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from difflora_jax.bench import generate, train  # start-up time (module docstring)
+    from difflora_jax.bench.report import write_section  # start-up time
+
+    if args.kind == "train":
+        args.methods = [m for m in args.methods.split(",") if m]
+        args.shapes = [(args.batch, args.seq_len), *args.shapes]
+        args.scan = [True, False] if args.also_unrolled else [True]
+        section = train.run(args)
+    else:
+        section = generate.run(args)
+    print(section)
+    if args.write:
+        write_section(Path(args.write), f"bench-{args.kind}", section)
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -256,7 +334,9 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     run = {
         "generate": _generate,
         "info": _info,
@@ -264,6 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train": _train,
         "export": _export,
         "import": _import,
+        "bench": _bench,
     }
     try:
         run[args.command](args)

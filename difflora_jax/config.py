@@ -136,6 +136,11 @@ class ModelConfig:
 
 
 ADAPTER_METHODS = ("lora", "difflora")
+# Generators of the adapter-dropout keys, the default first. Both draw i.i.d. Bernoulli masks
+# (the same dropout as PEFT's) and differ only in cost, which depends on the machine: alone,
+# threefry2x32 drew a [4, 512, 576] mask in 6 ms against rbg's 20 ms on a 2-core AMD EPYC, but
+# inside the whole LoRA train step rbg was faster (24.6 s against 30.3 s, docs/benchmarks.md).
+DROPOUT_PRNGS = ("rbg", "threefry2x32")
 # What a decoder layer keeps for the backward pass (modeling.llama.REMAT): everything
 # ("none"), only its input ("full"), or the outputs of its matmuls ("dots_saveable"), of the
 # matmuls without a batch dimension, i.e. the projections but not the attention maps

@@ -16,6 +16,7 @@ import yaml
 
 from difflora_jax.catalog import load_method
 from difflora_jax.config import (
+    DROPOUT_PRNGS,
     REMAT_POLICIES,
     AdapterConfig,
     check_choice,
@@ -30,11 +31,6 @@ from difflora_jax.modeling.attention import BACKENDS
 
 DATA_SOURCES = ("synthetic", "jsonl", "hf", "tfds", "random")
 BASE_DTYPES = ("float32", "bfloat16")
-# Generators of the adapter-dropout keys, the default first. Both draw i.i.d. Bernoulli masks
-# (the same dropout as PEFT's) and differ only in cost, which depends on the machine: alone,
-# threefry2x32 drew a [4, 512, 576] mask in 6 ms against rbg's 20 ms on a 2-core AMD EPYC, but
-# inside the whole LoRA train step rbg was faster (24.6 s against 30.3 s, docs/benchmarks.md).
-DROPOUT_PRNGS = ("rbg", "threefry2x32")
 
 
 @dataclasses.dataclass(frozen=True)

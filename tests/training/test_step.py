@@ -185,9 +185,11 @@ def _frozen_shapes(model) -> set[tuple[int, ...]]:
     return shapes
 
 
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
 @pytest.mark.parametrize("method", ["lora", "difflora"])
-def test_the_step_computes_no_gradient_of_a_frozen_weight(method):
+def test_the_step_computes_no_gradient_of_a_frozen_weight(method, scan):
     model = tiny_model(AdapterConfig(method=method, rank=4, alpha=8.0), config=HLO_CONFIG)
+    model.set_layer_execution(scan=scan)  # scanned: the per-layer dots inside the loop body
     graphdef, params, rng, rest = split_for_training(model)
     optimizer = OptimizerConfig(total_steps=10)
     opt_state = make_optimizer(optimizer).init(params)

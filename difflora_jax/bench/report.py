@@ -1,0 +1,94 @@
+"""What every benchmark section records (machine, load, versions, command, date) and how a
+section is written into ``docs/benchmarks.md`` (between its markers, replacing the old one)."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+import platform
+import re
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+
+DOC_HEADER = (
+    "# Benchmarks\n\n"
+    "Measured numbers, each section written by the command named in it (never edited by "
+    "hand).\n"
+)
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages (other work on the machine skews every number)."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(load_before: str, torch_threads: int | None = None) -> dict[str, str]:
+    """CPU, cores, device, load before/after, library versions."""
+    names = ["jax", "jaxlib", "flax", "optax"]
+    if torch_threads is not None:
+        names += ["torch", "transformers", "peft"]
+    versions = []
+    for name in names:
+        try:
+            versions.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    info = {
+        "CPU": _cpu_name(),
+        "cores": f"{os.cpu_count()} (usable by this process: {len(os.sched_getaffinity(0))})",
+        "JAX device": f"{jax.default_backend()} ({jax.devices()[0].device_kind})",
+        "load average (1/5/15 min) before / after": f"{load_before} / {load_average()}",
+        "versions": ", ".join(versions) + f", Python {platform.python_version()}",
+    }
+    if torch_threads is not None:
+        info["PyTorch threads"] = str(torch_threads)
+    return info
+
+
+def header(title: str, argv: Sequence[str], took_s: float, info: dict[str, str]) -> list[str]:
+    """The opening lines of a section: title, date, the command that wrote it, the machine."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return [
+        f"## {title}",
+        "",
+        f"Written by `difflora bench` on {now:%Y-%m-%d %H:%M} UTC; the run took {took_s:.0f} s.",
+        "",
+        "```",
+        shlex.join(["difflora", *argv]),
+        "```",
+        "",
+        *[f"- {k}: {v}" for k, v in info.items()],
+        "",
+    ]
+
+
+def write_section(path: Path, name: str, body: str) -> None:
+    """Put ``body`` between the ``<!-- name:start -->`` / ``<!-- name:end -->`` markers of the
+    file at ``path`` (appended when absent; the file is created with a header)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    section = f"{start}\n{body.rstrip()}\n{end}"
+    text = path.read_text() if path.exists() else DOC_HEADER
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
