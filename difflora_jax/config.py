@@ -137,10 +137,10 @@ class ModelConfig:
 
 ADAPTER_METHODS = ("lora", "difflora")
 # Generators of the adapter-dropout keys, the default first. Both draw i.i.d. Bernoulli masks
-# (the same dropout as PEFT's) and differ only in cost, which depends on the machine: alone,
-# threefry2x32 drew a [4, 512, 576] mask in 6 ms against rbg's 20 ms on a 2-core AMD EPYC, but
-# inside the whole LoRA train step rbg was faster (24.6 s against 30.3 s, docs/benchmarks.md).
-DROPOUT_PRNGS = ("rbg", "threefry2x32")
+# (the same dropout as PEFT's) and differ only in cost, which depends on the machine and on
+# the rest of the step: in the scanned SmolLM2-135M LoRA r8 step at 4 x 512 on a 2-core
+# AMD EPYC, threefry2x32 took 13.9 s against rbg's 15.9 s (`difflora bench train`).
+DROPOUT_PRNGS = ("threefry2x32", "rbg")
 # What a decoder layer keeps for the backward pass (modeling.llama.REMAT): everything
 # ("none"), only its input ("full"), or the outputs of its matmuls ("dots_saveable"), of the
 # matmuls without a batch dimension, i.e. the projections but not the attention maps

@@ -27,7 +27,13 @@ from flax import nnx
 
 from difflora_jax.config import LORA_TARGETS, AdapterConfig, ModelConfig
 from difflora_jax.modeling.attention import attention, attention_probs, write_kv
-from difflora_jax.modeling.llama import Attention, LayerConstant, LlamaForCausalLM, Projection
+from difflora_jax.modeling.llama import (
+    Attention,
+    LayerConstant,
+    LlamaForCausalLM,
+    Projection,
+    flat_matmul,
+)
 from difflora_jax.modeling.rope import apply_rope
 
 
@@ -88,11 +94,9 @@ class LowRank(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.dropout is not None:
             x = self.dropout(x)
-        a, b = self.a[...], self.b[...]
-        n_in = len(self.in_shape)
-        dims = tuple(range(x.ndim - n_in, x.ndim))
-        h = jax.lax.dot_general(x.astype(a.dtype), a, ((dims, tuple(range(n_in))), ((), ())))
-        return jnp.tensordot(h, b, axes=1) * self.scale
+        # two 2-D matmuls (see llama.flat_matmul): [tokens, in] @ [in, r] @ [r, out]
+        h = flat_matmul(x, self.a[...], len(self.in_shape), (self.a.shape[-1],))
+        return flat_matmul(h, self.b[...], 1, self.out_shape) * self.scale
 
 
 class FullRank(nnx.Module):
@@ -108,8 +112,7 @@ class FullRank(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.dropout is not None:
             x = self.dropout(x)
-        kernel = self.kernel[...]
-        return jnp.tensordot(x.astype(kernel.dtype), kernel, axes=1)
+        return flat_matmul(x, self.kernel[...], 1, self.kernel.shape[1:])
 
 
 def add_lora(projection: Projection, adapter: AdapterConfig, rngs: nnx.Rngs) -> None:

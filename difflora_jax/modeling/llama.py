@@ -22,6 +22,7 @@ Nothing here knows about files, meshes or training.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -94,6 +95,15 @@ class AttentionLayer(Protocol):
         ...
 
 
+def flat_matmul(x: jax.Array, w: jax.Array, n_in: int, out_shape: Sequence[int]) -> jax.Array:
+    """``x`` ``[..., *in]`` times ``w`` ``[*in, *out]`` -> ``[..., *out]``, computed as one 2-D
+    matmul over the flattened token and feature axes (in ``w``'s dtype)."""
+    lead = x.shape[: x.ndim - n_in]
+    fan_in = math.prod(x.shape[x.ndim - n_in :])
+    y = x.reshape(-1, fan_in).astype(w.dtype) @ w.reshape(fan_in, -1)
+    return y.reshape(*lead, *out_shape)
+
+
 class Projection(nnx.Module):
     """A bias-free linear map contracting the trailing ``len(in_shape)`` input axes."""
 
@@ -115,14 +125,9 @@ class Projection(nnx.Module):
         self.lora: ProjectionAdapter | None = nnx.data(None)
 
     def base(self, x: jax.Array) -> jax.Array:
-        """The frozen map ``x W`` alone."""
-        n_in = len(self.in_shape)
-        kernel = self.kernel[...]
-        return jax.lax.dot_general(
-            x.astype(kernel.dtype),
-            kernel,
-            ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
-        )
+        """The frozen map ``x W`` alone, as one 2-D matmul ``[tokens, in] @ [in, out]`` (the
+        reshapes are free; XLA:CPU ran the backward of the 3-D contraction 1.5x slower)."""
+        return flat_matmul(x, self.kernel[...], len(self.in_shape), self.out_shape)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x W``, plus ``s x A B`` when a LoRA adapter is attached."""
