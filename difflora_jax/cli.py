@@ -209,7 +209,7 @@ def _add_bench_parser(commands) -> None:
             p.add_argument(
                 "--shapes", type=_shapes, default=[], help="more BATCHxLENGTH shapes: 1x2048"
             )
-            p.add_argument("--causal-block", type=int, default=256, help="0: dense attention")
+            p.add_argument("--causal-block", type=int, default=128, help="0: dense attention")
             p.add_argument("--dropout-prng", choices=DROPOUT_PRNGS, default=DROPOUT_PRNGS[0])
             p.add_argument("--remat", choices=REMAT_POLICIES, default="none")
             p.add_argument(

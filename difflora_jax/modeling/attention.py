@@ -17,8 +17,11 @@ from flax import struct
 from difflora_jax.errors import ConfigError
 
 BACKENDS = ("xla", "jax")
-# Query rows per block of the XLA path's causal block skipping (None: one dense block).
-DEFAULT_CAUSAL_BLOCK = 256
+# Query rows per block of the XLA path's causal block skipping (None: one dense block). On a
+# 2-core CPU, attention forward + backward at [4, 512, 9 heads, 64]: dense 156 ms, blocks of
+# 256: 115 ms, 128: 84 ms, 64: 84 ms, 32: 81 ms (18 heads: 322, 227, 181, 159, 175 ms). Smaller
+# blocks skip more of the masked triangle but add ops (compile time grows with their number).
+DEFAULT_CAUSAL_BLOCK = 128
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
