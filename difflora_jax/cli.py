@@ -198,7 +198,9 @@ def _add_bench_parser(commands) -> None:
         p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
         p.add_argument("--repeats", type=_positive_int, default=3)
         p.add_argument(
-            "--peers", action="store_true", help="also time the PyTorch peers (needs torch)"
+            "--peers",
+            action="store_true",
+            help="also time the PyTorch peers (needs torch; train: at --batch x --seq-len only)",
         )
         p.add_argument("--torch-threads", type=_positive_int, default=len(os.sched_getaffinity(0)))
         p.add_argument("--write", help="write the section into this markdown file")

@@ -5,8 +5,10 @@
 * ``torch_difflora_step``: the same Llama with each attention module replaced by
   ``TorchDiffLoRAAttention``, an eager PyTorch DiffLoRA attention written the way the paper's
   reference code computes it: Q1 = X W_Q + s X A1 B1, K1 likewise, Q2 = s X A2 B2 (the
-  ``adapters`` negative term) or X W_Q + s X A2 B2 (``base_plus_adapters``), two explicit
-  softmax maps, ``(P1 - lambda P2) V``, optional group norm. Its adapters can be copied from
+  ``adapters`` negative term) or X W_Q + s X A2 B2 (``base_plus_adapters``), two causal
+  attention calls (``scaled_dot_product_attention``, PyTorch's fused kernel; explicit maps of
+  every layer would hold tens of GB for the backward pass), ``P1 V - lambda P2 V``, optional
+  group norm. Its adapters can be copied from
   one of our models (``copy_adapters_from``), which is how a test checks that it computes our
   numbers.
 
@@ -154,21 +156,24 @@ def _torch_difflora_class() -> type:
             assert position_embeddings is not None  # transformers' decoder layers pass them
             cos, sin = position_embeddings
             groups = self.h // self.kv
-            causal = torch.ones(t, t, dtype=torch.bool).tril()
-            maps = []
+            value = value.repeat_interleave(groups, dim=1)
+            outputs = []
             for q, k in ((q1, k1), (q2, k2)):
                 q = q.view(b, t, self.h, self.d).transpose(1, 2)
                 k = k.view(b, t, self.kv, self.d).transpose(1, 2)
                 q, k = apply_rotary_pos_emb(q, k, cos, sin)
                 k = k.repeat_interleave(groups, dim=1)
-                scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.d)
-                maps.append(torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1))
+                # softmax(Q K^T / sqrt(d)) V, causal: PyTorch's own fused CPU/GPU kernel
+                outputs.append(
+                    torch.nn.functional.scaled_dot_product_attention(q, k, value, is_causal=True)
+                )
             if self.learned == "learned":
                 lq1, lk1, lq2, lk2 = self.lambdas
                 lam = torch.exp((lq1 * lk1).sum()) - torch.exp((lq2 * lk2).sum()) + self.lambda_init
             else:
                 lam = self.lambda_init
-            out = (maps[0] - lam * maps[1]) @ value.repeat_interleave(groups, dim=1)
+            # (P1 - lambda P2) V = P1 V - lambda P2 V: the two maps never materialise
+            out = outputs[0] - lam * outputs[1]
             if self.group_norm is not None:
                 out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + 1e-5)
                 out = out * self.group_norm * (1 - self.lambda_init)

@@ -17,6 +17,7 @@ run. Ratios divide our tokens/s by the peer's at the same shape and method.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -147,6 +148,10 @@ def peer_runner(
     return Runner(name, method, shape, "eager", trainable, train_step_flops(ours, *shape), step)
 
 
+def _spent() -> None:
+    raise RuntimeError("this runner was measured and released")
+
+
 def measure(runners: Sequence[Runner], repeats: int) -> None:
     """First call of each runner, then ``repeats`` interleaved timed rounds."""
     for runner in runners:
@@ -215,12 +220,14 @@ def run(args: Any) -> str:
 
         torch.set_num_threads(args.torch_threads)
     base = load_base(args.model, args.dtype)
+    matmul = measured_matmul_flops(args.dtype)
     runners: list[Runner] = []
-    for batch_size, length in args.shapes:
+    for index, (batch_size, length) in enumerate(args.shapes):
         batch = random_batch(batch_size, length, base.config.vocab_size)
+        group = []
         for method in args.methods:
             for scan in args.scan:
-                runners.append(
+                group.append(
                     jax_runner(
                         base,
                         method,
@@ -231,9 +238,14 @@ def run(args: Any) -> str:
                         remat=args.remat,
                     )
                 )
-            if args.peers:
-                runners.append(peer_runner(args.model, base, method, batch))
-    matmul = measured_matmul_flops(args.dtype)
-    measure(runners, args.repeats)
+            # the peers at the main shape only: the eager DiffLoRA keeps both full attention
+            # maps of every layer for the backward pass (tens of GB at 1 x 2048)
+            if args.peers and index == 0:
+                group.append(peer_runner(args.model, base, method, batch))
+        measure(group, args.repeats)
+        for runner in group:  # free this shape's models, optimizer states and executables
+            runner.step = _spent
+        gc.collect()
+        runners += group
     info = machine_info(load_before, args.torch_threads if args.peers else None)
     return render(runners, matmul, args, time.perf_counter() - start, info)
