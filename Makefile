@@ -43,7 +43,7 @@ lint: setup-test
 
 bench: setup-test
 	$(BIN)/difflora bench generate --peers --write docs/benchmarks.md
-	$(BIN)/difflora bench train --peers --shapes 1x2048 --write docs/benchmarks.md
+	$(BIN)/difflora bench train --peers --write docs/benchmarks.md
 
 results: setup
 	$(BIN)/python experiments/main_job.py --write docs/results.md
