@@ -75,22 +75,9 @@ def test_bench_train_and_generate_write_their_sections(tiny_hf_dir, tmp_path, ca
         )
         == 0
     )
-    assert (
-        main(
-            [
-                "bench",
-                "generate",
-                "--batches",
-                "1",
-                "--prompt-tokens",
-                "16",
-                "--new-tokens",
-                "4",
-                *common,
-            ]
-        )
-        == 0
-    )
+    generate = ["bench", "generate", "--batches", "1", "--prompt-tokens", "16"]
+    generate += ["--new-tokens", "4", *common]
+    assert main(generate) == 0
     text = doc.read_text()
     assert "kept text" in text
     for name in ("bench-train", "bench-generate"):
@@ -103,20 +90,5 @@ def test_bench_train_and_generate_write_their_sections(tiny_hf_dir, tmp_path, ca
     assert any(r.startswith("| 1 | transformers |") for r in rows)
     assert "difflora bench train --methods lora-r8,difflora-32" in text
     # a second run replaces the section instead of appending another
-    assert (
-        main(
-            [
-                "bench",
-                "generate",
-                "--batches",
-                "1",
-                "--prompt-tokens",
-                "16",
-                "--new-tokens",
-                "4",
-                *common,
-            ]
-        )
-        == 0
-    )
+    assert main(generate) == 0
     assert doc.read_text().count("<!-- bench-generate:start -->") == 1
