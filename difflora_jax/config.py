@@ -139,7 +139,8 @@ ADAPTER_METHODS = ("lora", "difflora")
 # Generators of the adapter-dropout keys, the default first. Both draw i.i.d. Bernoulli masks
 # (the same dropout as PEFT's) and differ only in cost, which depends on the machine and on
 # the rest of the step: in the scanned SmolLM2-135M LoRA r8 step at 4 x 512 on a 2-core
-# AMD EPYC, threefry2x32 took 13.9 s against rbg's 15.9 s (`difflora bench train`).
+# AMD EPYC, threefry2x32 took 13.9 s against rbg's 15.9 s (both timed by bench.train.jax_runner
+# in one process, 2026-11-29).
 DROPOUT_PRNGS = ("threefry2x32", "rbg")
 # What a decoder layer keeps for the backward pass (modeling.llama.REMAT): everything
 # ("none"), only its input ("full"), or the outputs of its matmuls ("dots_saveable"), of the
