@@ -219,9 +219,7 @@ def torch_difflora_step(
 ) -> tuple[Callable[[], float], int]:
     """``(step, trainable parameters)`` of the eager PyTorch DiffLoRA."""
     model = torch_difflora(torch_model, config, adapter)
-    trainable = sum(
-        p.numel() for n, p in model.named_parameters() if p.requires_grad and "lambdas" not in n
-    )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return _train_step(model, batch, learning_rate), trainable
 
 

@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 from flax import nnx
 
@@ -38,7 +37,7 @@ from difflora_jax.training.config import OptimizerConfig
 from difflora_jax.training.loop import reseed_dropout
 from difflora_jax.training.optimizer import make_optimizer
 from difflora_jax.training.step import split_for_training, train_step
-from difflora_jax.weights.loading import load_model, resolve_source
+from difflora_jax.weights.loading import DTYPES, load_model, resolve_source
 
 PEFT = "PyTorch + peft"
 EAGER_DIFFLORA = "PyTorch eager DiffLoRA"
@@ -81,8 +80,7 @@ def random_batch(batch: int, length: int, vocab: int, seed: int = 0) -> dict[str
 def load_base(source: str, dtype: str) -> LlamaForCausalLM:
     """A checkpoint's weights, or random weights for a shape name (``llama-3.2-1b``)."""
     if source in model_names():
-        param_dtype = {"float32": jax.numpy.float32, "bfloat16": jax.numpy.bfloat16}[dtype]
-        return LlamaForCausalLM(model_shape(source), dtype=param_dtype, rngs=nnx.Rngs(0))
+        return LlamaForCausalLM(model_shape(source), dtype=DTYPES[dtype], rngs=nnx.Rngs(0))
     model, _ = load_model(source, dtype=dtype, with_tokenizer=False)
     return model
 

@@ -349,11 +349,12 @@ class LlamaForCausalLM(nnx.Module):
         """Each run's layer states stacked on a new leading ``layers`` axis (what the scan
         reads). ``forward`` stacks them itself; generation stacks once and passes them in, so
         that each decoding step reads the weights without copying them."""
-        stacks = []
-        for start, stop in self.layer_runs():
-            states = [nnx.state(self.layers[i]) for i in range(start, stop)]
-            stacks.append(jax.tree.map(lambda *a: jnp.stack(a), *states))
-        return tuple(stacks)
+        return tuple(self._stack_run(start, stop) for start, stop in self.layer_runs())
+
+    def _stack_run(self, start: int, stop: int) -> nnx.State:
+        """The states of layers ``start..stop-1`` stacked on a new leading axis."""
+        states = [nnx.state(self.layers[i]) for i in range(start, stop)]
+        return jax.tree.map(lambda *a: jnp.stack(a), *states)
 
     def _run_layers(self, start, stop, x, rope, mask, cache, index, stack):
         """Layers ``start..stop-1`` (one run) on ``x``: one ``lax.scan`` over their stacked
@@ -383,7 +384,7 @@ class LlamaForCausalLM(nnx.Module):
             rngs = [rng]
         else:
             if stack is None:
-                stack = jax.tree.map(lambda *a: jnp.stack(a), *[nnx.state(v) for v in layers])
+                stack = self._stack_run(start, stop)
             carry, rng = jax.lax.scan(body, carry, (stack, jnp.arange(len(layers))))
             rngs = [jax.tree.map(lambda a, j=j: a[j], rng) for j in range(len(layers))]
         for layer, layer_rng in zip(layers, rngs):
