@@ -16,7 +16,15 @@ from flax import struct
 
 from difflora_jax.errors import ConfigError
 
-BACKENDS = ("xla", "jax")
+# xla: our einsum path with causal block skipping (the reference; every platform).
+# jax: jax.nn.dot_product_attention, XLA implementation (every platform).
+# cudnn: jax.nn.dot_product_attention with implementation="cudnn" (NVIDIA GPUs, float16 or
+#   bfloat16 only; XLA raises on other platforms).
+# pallas: JAX's Pallas flash-attention kernel (jax.experimental.pallas.ops.gpu.attention,
+#   Triton) on GPUs, run by the Pallas interpreter elsewhere (CPU: slow, for tests). Used for
+#   self-attention without a cache (training, prefill of an empty cache); with a cache
+#   (decoding) it falls back to the xla path.
+BACKENDS = ("xla", "jax", "cudnn", "pallas")
 # Query rows per block of the XLA path's causal block skipping (None: one dense block). On a
 # 2-core CPU, attention forward + backward at [4, 512, 9 heads, 64]: dense 156 ms, blocks of
 # 256: 115 ms, 128: 84 ms, 64: 84 ms, 32: 81 ms (18 heads: 322, 227, 181, 159, 175 ms). Smaller
@@ -49,11 +57,25 @@ def make_attention_mask(
     return mask
 
 
+@struct.dataclass
+class AttentionMask:
+    """What attention may see, in the forms the backends take.
+
+    dense: ``[batch, 1, q_len, kv_len]`` boolean (every backend can use it). segments: for
+    self-attention without a cache only (query ``t`` at key slot ``t``): ``[batch, length]``
+    int32, the packed segment id of each token and 0 for padding; the kernels that take
+    segment ids and a causal flag instead of a dense mask (pallas) read it.
+    """
+
+    dense: jax.Array
+    segments: jax.Array | None = None
+
+
 def attention(
     query: jax.Array,
     key: jax.Array,
     value: jax.Array,
-    mask: jax.Array,
+    mask: jax.Array | AttentionMask,
     *,
     backend: str = "xla",
     scale: float | None = None,
@@ -77,6 +99,12 @@ def attention(
     if heads % kv_heads:
         raise ValueError(f"query heads {heads} is not a multiple of kv heads {kv_heads}")
     scale = float(head_dim**-0.5 if scale is None else scale)
+    segments = mask.segments if isinstance(mask, AttentionMask) else None
+    mask = mask.dense if isinstance(mask, AttentionMask) else mask
+    if backend == "pallas":
+        if segments is not None and q_len == key.shape[1]:
+            return _pallas_flash(query, key, value, segments, scale)
+        backend = "xla"  # decoding against a cache: no causal self-attention to tile
     if backend == "xla":
         if causal_block is not None and q_len == key.shape[1] and q_len > causal_block:
             blocks = [
@@ -91,10 +119,56 @@ def attention(
             ]
             return jnp.concatenate(blocks, axis=1)
         return _dense(query, key, value, mask, scale)
-    if backend == "jax":
-        # jax.nn.dot_product_attention picks cuDNN flash attention on GPUs where it applies.
-        return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale)
+    if backend in ("jax", "cudnn"):
+        return jax.nn.dot_product_attention(
+            query,
+            key,
+            value,
+            mask=mask,
+            scale=scale,
+            implementation="cudnn" if backend == "cudnn" else "xla",
+        )
     raise ConfigError(f"attention backend {backend!r} is not supported; allowed: {list(BACKENDS)}")
+
+
+# Query and key rows per tile of the Pallas kernel (the sequence is padded to a multiple).
+PALLAS_BLOCK = 128
+
+
+def _pallas_flash(query, key, value, segments, scale: float) -> jax.Array:
+    """Causal flash attention by the Pallas kernel, segments keeping packed sequences (and
+    padding, segment 0) apart. Grouped key/value heads are repeated to the query heads."""
+    from jax.experimental.pallas.ops.gpu import attention as pallas_attention
+
+    _, length, heads, _ = query.shape
+    groups = heads // key.shape[2]
+    if groups > 1:  # query head j reads key head j // groups (as in attention_probs)
+        key, value = jnp.repeat(key, groups, axis=2), jnp.repeat(value, groups, axis=2)
+    block = min(PALLAS_BLOCK, max(16, 1 << (length - 1).bit_length()))
+    pad = -length % block
+    if pad:
+        widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+        query, key, value = (jnp.pad(a, widths) for a in (query, key, value))
+        segments = jnp.pad(segments, ((0, 0), (0, pad)))
+    sizes = pallas_attention.BlockSizes(
+        block_q=block,
+        block_k=block,
+        block_q_dkv=min(block, 64),
+        block_kv_dkv=min(block, 64),
+        block_q_dq=min(block, 64),
+        block_kv_dq=min(block, 64),
+    )
+    out = pallas_attention.mha(
+        query,
+        key,
+        value,
+        segments.astype(jnp.int32),
+        sm_scale=scale,
+        causal=True,
+        block_sizes=sizes,
+        interpret=jax.default_backend() != "gpu",
+    )
+    return out[:, :length]
 
 
 def _dense(query, key, value, mask, scale: float) -> jax.Array:
@@ -105,7 +179,11 @@ def _dense(query, key, value, mask, scale: float) -> jax.Array:
 
 
 def attention_probs(
-    query: jax.Array, key: jax.Array, mask: jax.Array, *, scale: float | None = None
+    query: jax.Array,
+    key: jax.Array,
+    mask: jax.Array | AttentionMask,
+    *,
+    scale: float | None = None,
 ) -> jax.Array:
     """Explicit float32 attention maps ``[batch, kv_heads, groups, q_len, kv_len]``.
 
@@ -115,6 +193,7 @@ def attention_probs(
     batch, q_len, heads, head_dim = query.shape
     kv_heads = key.shape[2]
     scale = head_dim**-0.5 if scale is None else scale
+    mask = mask.dense if isinstance(mask, AttentionMask) else mask
     q = query.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
     logits = jnp.einsum("btkgd,bskd->bkgts", q, key, preferred_element_type=jnp.float32)
     logits = jnp.where(mask[:, :, None, :, :], logits * jnp.float32(scale), _MASK_VALUE)

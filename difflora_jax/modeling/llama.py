@@ -36,6 +36,7 @@ from difflora_jax.config import REMAT_POLICIES, AdapterConfig, ModelConfig
 from difflora_jax.errors import ConfigError
 from difflora_jax.modeling.attention import (
     DEFAULT_CAUSAL_BLOCK,
+    AttentionMask,
     KVCache,
     attention,
     make_attention_mask,
@@ -86,7 +87,7 @@ class AttentionLayer(Protocol):
         x: jax.Array,
         cos: jax.Array,
         sin: jax.Array,
-        mask: jax.Array,
+        mask: AttentionMask,
         kv_cache: LayerCache | None = None,
         cache_index: jax.Array | None = None,
         /,
@@ -195,7 +196,7 @@ class Attention(nnx.Module):
         x: jax.Array,
         cos: jax.Array,
         sin: jax.Array,
-        mask: jax.Array,
+        mask: AttentionMask,
         kv_cache: tuple[jax.Array, jax.Array] | None = None,
         cache_index: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
@@ -422,12 +423,14 @@ class LlamaForCausalLM(nnx.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
         stacks: Sequence[nnx.State] | None = None,
+        head: bool = True,
     ) -> tuple[jax.Array, KVCache | None]:
         """Logits and, when ``cache`` is given, the cache with these tokens written at its index.
 
         ``last_only``: logits of the last position only (``[batch, 1, vocab]``), skipping the LM
         head elsewhere (prefill needs no more). ``stacks``: ``stack_layers()`` computed once by
-        the caller (the layers' own parameters are then not read)."""
+        the caller (the layers' own parameters are then not read). ``head=False``: the
+        final-norm hidden states instead of logits."""
         batch, length = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((batch, length), jnp.int32)
@@ -437,8 +440,13 @@ class LlamaForCausalLM(nnx.Module):
             if cache is not None:
                 raise ValueError("forward with a cache needs explicit positions")
         if cache is None:
-            mask = make_attention_mask(
-                attention_mask.astype(bool), jnp.arange(length), segment_ids, segment_ids
+            mask = AttentionMask(
+                dense=make_attention_mask(
+                    attention_mask.astype(bool), jnp.arange(length), segment_ids, segment_ids
+                ),
+                segments=attention_mask
+                if segment_ids is None
+                else jnp.where(attention_mask > 0, segment_ids, 0).astype(jnp.int32),
             )
             index = None
         else:
@@ -446,7 +454,7 @@ class LlamaForCausalLM(nnx.Module):
             key_valid = jax.lax.dynamic_update_slice_in_dim(
                 cache.key_valid, attention_mask.astype(bool), index, 1
             )
-            mask = make_attention_mask(key_valid, index + jnp.arange(length))
+            mask = AttentionMask(dense=make_attention_mask(key_valid, index + jnp.arange(length)))
         cos, sin = rope_angles(positions, inverse_frequencies(self.config))
         x = self.embed_tokens(input_ids)  # [batch, length, embed]
         new_keys, new_values = [], []
@@ -462,10 +470,9 @@ class LlamaForCausalLM(nnx.Module):
         if last_only:
             x = x[:, -1:]
         x = self.final_norm(x)
-        if self.config.tie_word_embeddings:
-            logits = self.embed_tokens.attend(x)
-        else:
-            logits = self.lm_head(x)
+        if head:
+            x = self.embed_tokens.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)
+            x = x.astype(jnp.float32)
         if cache is not None:
             cache = KVCache(
                 keys=tuple(new_keys),
@@ -473,7 +480,29 @@ class LlamaForCausalLM(nnx.Module):
                 key_valid=key_valid,
                 index=cache.index + length,
             )
-        return logits.astype(jnp.float32), cache
+        return x, cache
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """The final-norm hidden states ``[batch, length, embed]`` that the LM head maps to
+        logits (``head_matrix``); what a loss that never holds all logits at once starts from."""
+        x, _ = self.forward(
+            input_ids, attention_mask, positions=positions, segment_ids=segment_ids, head=False
+        )
+        return x
+
+    def head_matrix(self) -> tuple[jax.Array, int]:
+        """``(matrix, vocab_axis)`` of the LM head: the tied embedding ``[vocab, embed]`` (axis
+        0) or the untied kernel ``[embed, vocab]`` (axis 1)."""
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens.embedding[...], 0
+        return self.lm_head.kernel[...], 1
 
     def init_cache(self, batch: int, max_length: int) -> KVCache:
         """An empty KV cache for ``batch`` sequences of up to ``max_length`` tokens."""

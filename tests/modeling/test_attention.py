@@ -1,6 +1,7 @@
 """Causal block skipping on the XLA path equals the dense reference (values and gradients),
 for MHA and GQA, with padding and packing, at block sizes that do and do not divide the length;
-and a model computes the same logits with blocks on and off."""
+the other backends (jax.nn.dot_product_attention, the Pallas flash kernel run by the Pallas
+interpreter on CPU) equal it too; and a model computes the same logits whichever is used."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from flax import nnx
 
 from difflora_jax.modeling.adapters import apply_adapters
-from difflora_jax.modeling.attention import attention, make_attention_mask
+from difflora_jax.modeling.attention import AttentionMask, attention, make_attention_mask
 from difflora_jax.modeling.llama import LlamaForCausalLM
 from tests.tiny import tiny_config
 from tests.variants import difflora
@@ -34,7 +35,7 @@ def _inputs(heads: int, kv_heads: int, *, seed: int = 0):
     mask = make_attention_mask(
         jnp.asarray(valid), jnp.arange(LENGTH), jnp.asarray(segments), jnp.asarray(segments)
     )
-    return q, k, v, mask, valid
+    return q, k, v, AttentionMask(dense=mask, segments=jnp.asarray(segments)), valid
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (6, 1)], ids=["mha", "gqa", "mqa"])
@@ -60,7 +61,7 @@ def test_blocked_equals_dense(heads, kv_heads, block):
 
 def test_blocks_are_only_used_where_the_caller_says_the_mask_is_causal():
     q, k, v, mask, _ = _inputs(4, 2)
-    full = jnp.ones_like(mask)  # a non-causal mask: every query sees every key
+    full = jnp.ones_like(mask.dense)  # a non-causal mask: every query sees every key
     dense = attention(q, k, v, full)
     # without causal_block the full mask is honoured, keys after the query included
     assert not np.allclose(np.asarray(dense), np.asarray(attention(q, k, v, mask)))
@@ -84,3 +85,41 @@ def test_model_logits_with_and_without_blocks(adapter):
     blocked = np.asarray(model(ids, pad))
     real = np.asarray(pad, bool)
     np.testing.assert_allclose(blocked[real], dense[real], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("backend", ["jax", "pallas"])
+def test_backend_equals_the_xla_reference(backend, heads, kv_heads):
+    q, k, v, mask, valid = _inputs(heads, kv_heads, seed=1)
+    real = jnp.asarray(valid)[:, :, None, None]
+
+    def loss(q, k, v, backend):
+        out = attention(q, k, v, mask, backend=backend)
+        return jnp.sum(jnp.where(real, out, 0.0) ** 2), out
+
+    (_, want), want_grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v, "xla")
+    (_, got), got_grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v, backend)
+    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "adapter", [None, difflora(negative_term="adapters")], ids=["llama", "difflora"]
+)
+def test_model_logits_and_cached_decoding_with_the_pallas_backend(adapter):
+    model = LlamaForCausalLM(tiny_config(max_position_embeddings=64), rngs=nnx.Rngs(0))
+    if adapter is not None:
+        apply_adapters(model, adapter)
+    ids = jnp.asarray(np.random.default_rng(5).integers(0, 128, (2, 20)), jnp.int32)
+    pad = jnp.asarray(np.r_[np.zeros(3), np.ones(17)][None].repeat(2, 0).astype(np.int32))
+    want = np.asarray(model(ids, pad))
+    model.set_attention_backend("pallas")
+    got = np.asarray(model(ids, pad))
+    real = np.asarray(pad, bool)
+    np.testing.assert_allclose(got[real], want[real], rtol=1e-5, atol=1e-5)
+    # with a cache the Pallas backend decodes through the xla path: same logits step by step
+    cache = model.init_cache(2, 24)
+    positions = jnp.maximum(jnp.cumsum(pad, axis=-1) - 1, 0)
+    logits, cache = model.forward(ids, pad, positions=positions, cache=cache)
+    np.testing.assert_allclose(np.asarray(logits)[real], want[real], rtol=1e-5, atol=1e-5)
