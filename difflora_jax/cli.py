@@ -117,6 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in output_dir from its latest checkpoint (or start it there)",
     )
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    multi = tr.add_argument_group(
+        "multi-host (every process runs the same command; without these, jax.distributed is "
+        "started by itself on TPU VM pod slices and under SLURM / Open MPI)"
+    )
+    multi.add_argument("--coordinator-address", help="HOST:PORT of process 0")
+    multi.add_argument("--num-processes", type=_positive_int)
+    multi.add_argument("--process-id", type=int)
+    multi.add_argument(
+        "--local-devices", type=_positive_int, help="CPU devices per process (CPU runs and tests)"
+    )
     tr.add_argument(
         "overrides",
         nargs="*",
@@ -161,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         "base_model_name_or_path, the reference config's _name_or_path)",
     )
     _add_bench_parser(commands)
+    _add_plan_parser(commands)
     return parser
 
 
@@ -222,6 +233,71 @@ def _add_bench_parser(commands) -> None:
             p.add_argument("--batches", type=_int_list, default=[1, 4], help="e.g. 1,4")
             p.add_argument("--prompt-tokens", type=_positive_int, default=128)
             p.add_argument("--new-tokens", type=_positive_int, default=64)
+
+
+def _mesh_arg(text: str) -> dict[str, int]:
+    """``fsdp=8,tensor=2`` -> ``{"fsdp": 8, "tensor": 2}``."""
+    out = {}
+    for part in filter(None, text.split(",")):
+        name, sep, value = part.partition("=")
+        if not sep or name.strip() not in ("data", "fsdp", "tensor"):
+            raise argparse.ArgumentTypeError(
+                f"{part!r} is not AXIS=SIZE with AXIS one of data, fsdp, tensor"
+            )
+        try:
+            out[name.strip()] = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r}: {value!r} is not an integer") from None
+    return out
+
+
+def _add_plan_parser(commands) -> None:
+    p = commands.add_parser(
+        "plan",
+        help="per-device memory and FLOPs of a sharded train step, compiled without weights",
+    )
+    p.add_argument("--model", required=True, help="a model shape name (llama-3.1-8b)")
+    p.add_argument("--method", default="difflora-32", help="a method name or YAML")
+    p.add_argument(
+        "--mesh",
+        type=_mesh_arg,
+        default={},
+        help="AXIS=SIZE,... over data, fsdp, tensor (unset axes: data=-1, others 1)",
+    )
+    p.add_argument("--devices", type=_positive_int, required=True, help="devices of the mesh")
+    p.add_argument("--batch", type=_positive_int, required=True, help="global batch (rows)")
+    p.add_argument("--seq-len", type=_positive_int, required=True)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    p.add_argument("--remat", choices=REMAT_POLICIES, default="none")
+    p.add_argument("--grad-accum-steps", type=_positive_int, default=1)
+    p.add_argument("--device-memory", help="memory of one device (16GiB, 80GB): says if it fits")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from difflora_jax.training import plan  # start-up time (module docstring)
+
+    if os.environ.get(plan.CHILD_ENV) != "1":
+        status = plan.in_subprocess(args.argv, args.devices)
+        if status:
+            raise SystemExit(status)
+        return
+    from difflora_jax.parallel import MeshConfig  # start-up time
+
+    mesh = MeshConfig(**{"data": -1, "fsdp": 1, "tensor": 1, **args.mesh})
+    memory = plan.parse_bytes(args.device_memory) if args.device_memory else None
+    result = plan.plan(
+        args.model,
+        args.method,
+        mesh=mesh,
+        batch=args.batch,
+        seq_len=args.seq_len,
+        dtype=args.dtype,
+        remat=args.remat,
+        grad_accum_steps=args.grad_accum_steps,
+        device_memory=memory,
+    )
+    print(json.dumps(result) if args.json else plan.render(result))
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -325,14 +401,25 @@ def _params(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from difflora_jax.parallel import initialize_distributed, is_main_process  # start-up time
     from difflora_jax.training import load_train_config, train  # start-up time (docstring)
 
     config = load_train_config(args.config, args.overrides)
+    config.validate()  # before joining other processes: a bad config fails alone and at once
+    initialize_distributed(
+        args.coordinator_address,
+        args.num_processes,
+        args.process_id,
+        local_device_count=args.local_devices,
+    )
     result = train(config, resume=args.resume, progress=not args.no_progress)
     last = result.metrics[-1] if result.metrics else {}
-    print(
-        json.dumps({"run_dir": str(result.run_dir), "step": result.step, "loss": last.get("loss")})
-    )
+    if is_main_process():
+        print(
+            json.dumps(
+                {"run_dir": str(result.run_dir), "step": result.step, "loss": last.get("loss")}
+            )
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -347,6 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "export": _export,
         "import": _import,
         "bench": _bench,
+        "plan": _plan,
     }
     try:
         run[args.command](args)

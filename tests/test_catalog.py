@@ -99,6 +99,9 @@ PUBLISHED_PARAMS = {
     "llama-3.2-1b": 1_235_814_400,
     "llama-3.1-8b": 8_030_261_248,
     "llama-2-7b": 6_738_415_616,
+    # meta-llama/Llama-2-70b-hf: model.safetensors.index.json total_size 137,953,296,384 bytes
+    # of float16
+    "llama-2-70b": 68_976_648_192,
 }
 
 

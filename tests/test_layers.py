@@ -20,6 +20,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("difflora_jax.config",),
     ("difflora_jax.protocols",),
     ("difflora_jax.catalog",),
+    ("difflora_jax.parallel",),  # meshes and sharding rules; knows no model
     ("difflora_jax.modeling",),
     ("difflora_jax.losses",),
     ("difflora_jax.adapter_checkpoint",),

@@ -43,8 +43,12 @@ from difflora_jax.modeling.attention import (
     write_kv,
 )
 from difflora_jax.modeling.rope import apply_rope, inverse_frequencies, rope_angles
+from difflora_jax.parallel import constrain
 
 _INIT = jax.nn.initializers.normal(stddev=0.02)
+# The residual stream between layers under a mesh (parallel.use_mesh): rows split over the
+# batch rule's axes, the model dimension whole on every device.
+ACTIVATION_AXES = ("batch", "length", None)
 
 # config.REMAT_POLICIES -> the jax.checkpoint policy of one decoder layer (None: no remat)
 REMAT = {
@@ -371,6 +375,7 @@ class LlamaForCausalLM(nnx.Module):
             layer = nnx.merge(graphdef, state)
             layer_cache = None if keys is None else (keys[j], values[j])
             x, layer_cache = layer(x, cos, sin, mask, layer_cache, index)
+            x = constrain(x, ACTIVATION_AXES)  # the layer boundary: rows over the batch axes
             if layer_cache is not None:
                 assert keys is not None and values is not None  # a cache in, a cache out
                 keys, values = keys.at[j].set(layer_cache[0]), values.at[j].set(layer_cache[1])
@@ -456,7 +461,7 @@ class LlamaForCausalLM(nnx.Module):
             )
             mask = AttentionMask(dense=make_attention_mask(key_valid, index + jnp.arange(length)))
         cos, sin = rope_angles(positions, inverse_frequencies(self.config))
-        x = self.embed_tokens(input_ids)  # [batch, length, embed]
+        x = constrain(self.embed_tokens(input_ids), ACTIVATION_AXES)  # [batch, length, embed]
         new_keys, new_values = [], []
         for r, (start, stop) in enumerate(self.layer_runs()):
             run_cache = None if cache is None else (cache.keys[r], cache.values[r])

@@ -28,6 +28,7 @@ from difflora_jax.config import (
 from difflora_jax.data.synthetic import SPLITS, TASKS
 from difflora_jax.errors import ConfigError
 from difflora_jax.modeling.attention import BACKENDS
+from difflora_jax.parallel import MeshConfig, make_rules
 
 DATA_SOURCES = ("synthetic", "jsonl", "hf", "tfds", "random")
 BASE_DTYPES = ("float32", "bfloat16")
@@ -139,6 +140,8 @@ RESUMABLE_CHANGES = (
     "attention_backend",
     "scan_layers",
     "remat",
+    "mesh",  # a resumed run may use another mesh: the checkpoint is restored resharded
+    "sharding_rules",
 )
 
 
@@ -156,7 +159,12 @@ class TrainConfig:
     data order). ``scan_layers``: the decoder layers run under one ``lax.scan`` (compiled once,
     not once per layer; False unrolls them, same numbers); ``remat``: what each layer keeps
     for the backward pass (``none``, ``full``, ``dots_saveable``,
-    ``dots_with_no_batch_dims_saveable``: the projections but not the attention maps). Everything lands in ``output_dir``: ``config.yaml``, ``metrics.jsonl``,
+    ``dots_with_no_batch_dims_saveable``: the projections but not the attention maps).
+    ``mesh``: devices per mesh axis (``data``, ``fsdp``, ``tensor``; default all on ``data``);
+    ``sharding_rules``: overrides of ``parallel.DEFAULT_RULES`` (logical axis name -> mesh
+    axis, list of mesh axes or null). ``batch_size`` is the global batch, split over the
+    ``data`` x ``fsdp`` devices. Everything lands in ``output_dir``: ``config.yaml``,
+    ``metrics.jsonl``,
     ``tensorboard/`` and ``checkpoints/`` (every ``save_every`` steps and at the end, the last
     ``keep_checkpoints`` kept).
     """
@@ -184,6 +192,8 @@ class TrainConfig:
     dropout_prng: str = DROPOUT_PRNGS[0]
     scan_layers: bool = True
     remat: str = "none"
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    sharding_rules: dict[str, Any] | None = None
 
     def validate(self) -> None:
         check_field(bool(self.model), "model", self.model, "a model directory, .gguf file or alias")
@@ -192,6 +202,8 @@ class TrainConfig:
         check_choice("attention_backend", self.attention_backend, BACKENDS)
         check_choice("dropout_prng", self.dropout_prng, DROPOUT_PRNGS)
         check_choice("remat", self.remat, REMAT_POLICIES)
+        self.mesh.validate()
+        make_rules(self.sharding_rules)
         if isinstance(self.method, dict):
             try:
                 from_dict(AdapterConfig, self.method, where="method")

@@ -18,6 +18,7 @@ checkpoint).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shutil
 import sys
@@ -29,6 +30,8 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from difflora_jax.adapter_checkpoint import (
@@ -42,6 +45,8 @@ from difflora_jax.errors import CheckpointError, ConfigError, DiffLoRAError
 from difflora_jax.losses import BATCH_KEYS
 from difflora_jax.modeling.adapters import apply_adapters, lambda_layers, write_back
 from difflora_jax.modeling.llama import LlamaForCausalLM
+from difflora_jax.parallel import Rules, is_main_process, logical_spec, make_mesh, make_rules
+from difflora_jax.parallel.shard import global_batch, init_optimizer, shard_model
 from difflora_jax.protocols import Tokenizer
 from difflora_jax.training.batches import build_batches
 from difflora_jax.training.config import (
@@ -52,7 +57,7 @@ from difflora_jax.training.config import (
 )
 from difflora_jax.training.metrics import MetricsLogger
 from difflora_jax.training.optimizer import learning_rate, make_optimizer
-from difflora_jax.training.step import split_for_training, train_step
+from difflora_jax.training.step import ShardedStep, split_for_training
 from difflora_jax.weights.loading import load_model
 
 RUN_CONFIG = "config.yaml"
@@ -184,6 +189,8 @@ class _Run:
     graphdef: nnx.GraphDef
     rest: dict
     layers: tuple[int, ...]
+    mesh: Mesh
+    step_fn: ShardedStep
 
 
 def _prepare(
@@ -213,12 +220,28 @@ def _prepare(
         )
     reseed_dropout(model, config.seed, config.dropout_prng)
     model.set_layer_execution(scan=config.scan_layers, remat=config.remat)
+    mesh = make_mesh(config.mesh)
+    rules = make_rules(config.sharding_rules)
+    _check_batch_divides(config, mesh, rules)
+    shard_model(model, mesh, rules)
     if batches is None:
         batches = build_batches(
             config.data, tokenizer, batch_size=config.batch_size, vocab_size=model.config.vocab_size
         )
     optimizer = config.optimizer_config()
     graphdef, params, rng, rest = split_for_training(model)
+    opt_state = init_optimizer(make_optimizer(optimizer), params, mesh)
+    step_fn = ShardedStep(
+        graphdef,
+        optimizer,
+        config.grad_accum_steps,
+        mesh,
+        rules,
+        params=params,
+        opt_state=opt_state,
+        rng=rng,
+        rest=rest,
+    )
     run = _Run(
         config=config,
         run_config=run_config,
@@ -232,8 +255,24 @@ def _prepare(
         graphdef=graphdef,
         rest=rest,
         layers=lambda_layers(model),
+        mesh=mesh,
+        step_fn=step_fn,
     )
-    return run, TrainState(0, params, make_optimizer(optimizer).init(params), rng)
+    return run, TrainState(0, params, opt_state, rng)
+
+
+def _check_batch_divides(config: TrainConfig, mesh: Mesh, rules: Rules) -> None:
+    """The global batch (and each micro-batch) must split evenly over the batch's mesh axes."""
+    axes = logical_spec(("batch",), rules)[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    devices = math.prod(mesh.shape[a] for a in axes)
+    micro = config.batch_size // config.grad_accum_steps
+    if micro % devices:
+        raise ConfigError(
+            f"batch_size {config.batch_size} (micro-batches of {micro} rows with "
+            f"grad_accum_steps {config.grad_accum_steps}) does not split over mesh axes "
+            f"{'x'.join(axes)} ({devices} devices): make the micro-batch a multiple of {devices}"
+        )
 
 
 def _set_aside(checkpointer: Checkpointer, run_dir: Path, step: int, error: Exception) -> None:
@@ -341,7 +380,7 @@ def _run_steps(
     run: _Run,
     state: TrainState,
     checkpointer: Checkpointer,
-    logger: MetricsLogger,
+    logger: MetricsLogger | None,
     bar: tqdm,
     step_callback: Callable[[TrainState, dict], None] | None,
 ) -> list[dict[str, Any]]:
@@ -353,15 +392,13 @@ def _run_steps(
         start = time.perf_counter()
         batch = next(run.batches)
         _check_batch(batch, state.step + 1, shape, run.model.config.vocab_size)
-        params, opt_state, rng, metrics = train_step(
-            run.graphdef,
+        arrays = {k: np.asarray(batch[k], np.int32) for k in BATCH_KEYS}
+        params, opt_state, rng, metrics = run.step_fn(
             state.params,
             state.opt_state,
             state.rng,
             run.rest,
-            batch,
-            optimizer=run.optimizer,
-            grad_accum_steps=config.grad_accum_steps,
+            global_batch(arrays, run.step_fn.batch_sharding),
         )
         metrics = jax.device_get(metrics)
         elapsed = time.perf_counter() - start
@@ -371,7 +408,8 @@ def _run_steps(
         state.params, state.opt_state, state.rng = params, opt_state, rng
         record = _record(run, state.step, metrics, elapsed)
         if state.step % config.log_every == 0 or state.step == config.max_steps:
-            logger.log(state.step, record)
+            if logger is not None:
+                logger.log(state.step, record)
             logged.append({"step": state.step, **record})
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}")
@@ -380,6 +418,11 @@ def _run_steps(
         if step_callback is not None:
             step_callback(state, record)
     return logged
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def train(
@@ -402,20 +445,26 @@ def train(
     not applied and the checkpoints already written stay as they are.
     """
     run, state = _prepare(config, resume, model, tokenizer, batches)
+    main = is_main_process()
+    # every process has checked the run directory before any of them writes to it
+    _sync("difflora-train-checked")
     # Only now, with model and data ready, does the run directory get written.
-    run.run_dir.mkdir(parents=True, exist_ok=True)
-    _write_config(run.run_dir, run.run_config)
+    if main:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        _write_config(run.run_dir, run.run_config)
+    _sync("difflora-train-dir")
     checkpointer = Checkpointer(run.run_dir / CHECKPOINT_DIR, keep=config.keep_checkpoints)
     logger = bar = None
     try:
         resumed_from = _resume(checkpointer, run, state) if resume else None
-        logger = MetricsLogger(run.run_dir, state.step)
+        # metrics, TensorBoard and the progress bar: process 0 only
+        logger = MetricsLogger(run.run_dir, state.step) if main else None
         bar = tqdm(
             total=config.max_steps,
             initial=state.step,
             desc="train",
             unit="step",
-            disable=not progress,
+            disable=not progress or not main,
             dynamic_ncols=True,
         )
         logged = _run_steps(run, state, checkpointer, logger, bar, step_callback)

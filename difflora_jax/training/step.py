@@ -11,6 +11,7 @@ whole accumulated batch (``difflora_jax.losses``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,10 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from difflora_jax.jit import jit_donating
 from difflora_jax.losses import BATCH_KEYS, batch_loss_sum
 from difflora_jax.modeling.adapters import AdapterParam, lambda_values
+from difflora_jax.parallel import Rules, use_mesh
+from difflora_jax.parallel.shard import batch_sharding, shardings_of
 from difflora_jax.training.config import OptimizerConfig
 from difflora_jax.training.optimizer import make_optimizer
 
@@ -128,6 +132,53 @@ _jitted = jit_donating(
     static_argnames=("graphdef", "optimizer", "grad_accum_steps"),
     donate_argnames=("params", "opt_state", "rng"),
 )(_train_step)
+
+
+class ShardedStep:
+    """The train step jitted for one mesh: explicit input and output shardings (parameters,
+    optimizer state and frozen weights as the rules place them, batch rows over the batch
+    axes, metrics replicated), the updated state donated off CPU, traced under
+    ``parallel.use_mesh`` so activations are constrained at layer boundaries.
+
+    ``step(params, opt_state, rng, rest, batch)`` with ``batch`` global arrays on the mesh
+    (``parallel.global_batch``) returns ``(params, opt_state, rng, metrics)``.
+    """
+
+    def __init__(
+        self,
+        graphdef: nnx.GraphDef,
+        optimizer: OptimizerConfig,
+        grad_accum_steps: int,
+        mesh: Mesh,
+        rules: Rules,
+        *,
+        params: dict,
+        opt_state: Any,
+        rng: dict,
+        rest: dict,
+    ):
+        self.mesh, self.rules = mesh, rules
+        state = (shardings_of(params), shardings_of(opt_state), shardings_of(rng))
+        self.batch_sharding = batch_sharding(mesh, rules)
+        batch = {k: self.batch_sharding for k in BATCH_KEYS}
+        replicated = NamedSharding(mesh, PartitionSpec())
+        donate = (0, 1, 2) if jax.default_backend() != "cpu" else ()
+        self._jitted = jax.jit(
+            functools.partial(_train_step, graphdef, optimizer, grad_accum_steps),
+            in_shardings=(*state, shardings_of(rest), batch),
+            out_shardings=(*state, replicated),
+            donate_argnums=donate,
+        )
+
+    def __call__(self, params, opt_state, rng, rest, batch):
+        with use_mesh(self.mesh, self.rules):
+            return self._jitted(params, opt_state, rng, rest, batch)
+
+    def lower(self, params, opt_state, rng, rest, batch):
+        """``jax.jit(...).lower`` under the mesh (abstract arguments allowed): what
+        ``difflora plan`` compiles without weights."""
+        with use_mesh(self.mesh, self.rules):
+            return self._jitted.lower(params, opt_state, rng, rest, batch)
 
 
 def train_step(
