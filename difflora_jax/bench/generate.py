@@ -31,13 +31,13 @@ import numpy as np
 from flax import nnx
 
 from difflora_jax.bench import peers
-from difflora_jax.bench.flops import measured_matmul_flops, prefill_flops
 from difflora_jax.bench.report import header, load_average, machine_info
 from difflora_jax.bench.train import load_base
 from difflora_jax.catalog import load_method, model_names
 from difflora_jax.errors import ConfigError
 from difflora_jax.generation import PROMPT_BUCKET, generate_ids, left_pad, prefill, stack_layers
 from difflora_jax.modeling.adapters import apply_adapters
+from difflora_jax.modeling.flops import measured_matmul_flops, prefill_flops
 from difflora_jax.modeling.llama import LlamaForCausalLM
 from difflora_jax.weights.loading import resolve_source
 

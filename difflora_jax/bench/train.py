@@ -10,7 +10,7 @@ the eager DiffLoRA attention of ``bench.peers`` for DiffLoRA methods, on the sam
 Each runner is called once (JAX: compilation included; reported as ``first call s``), then
 ``repeats`` timed rounds run the runners interleaved (so bursts of outside load hit all of
 them); the median step is kept. ``tokens/s = B*T / step``. ``MFU`` = the step's model FLOPs
-(``bench.flops``) per second over the matmul FLOP/s measured on the same device in the same
+(``modeling.flops``) per second over the matmul FLOP/s measured on the same device in the same
 run. Ratios divide our tokens/s by the peer's at the same shape and method.
 """
 
@@ -27,11 +27,11 @@ import numpy as np
 from flax import nnx
 
 from difflora_jax.bench import peers
-from difflora_jax.bench.flops import measured_matmul_flops, train_step_flops
 from difflora_jax.bench.report import header, load_average, machine_info
 from difflora_jax.catalog import load_method, model_names, model_shape
 from difflora_jax.config import AdapterConfig
 from difflora_jax.modeling.adapters import apply_adapters, count_adapter_params
+from difflora_jax.modeling.flops import measured_matmul_flops, train_step_flops
 from difflora_jax.modeling.llama import LlamaForCausalLM
 from difflora_jax.training.config import OptimizerConfig
 from difflora_jax.training.loop import reseed_dropout
@@ -182,7 +182,7 @@ def render(runners: Sequence[Runner], matmul_flops: float, args: Any, took: floa
         f"state. Median of {args.repeats} timed steps after one untimed first call. Matmul "
         f"FLOP/s measured here: {matmul_flops / 1e9:,.1f} GFLOP/s ({args.dtype} 1024^3 "
         "products); MFU = model FLOPs per second over that (formula: "
-        "`difflora_jax/bench/flops.py`).",
+        "`difflora_jax/modeling/flops.py`).",
         "",
         "| implementation | method | B x T | setting | trainable | step s | tokens/s | "
         "first call s | model GFLOP/step | MFU | vs peer |",

@@ -7,7 +7,9 @@ adapters), ``optimizer_bytes`` (AdamW moments, float32), ``batch_bytes`` and ``t
 (XLA's temporaries of the compiled step: activations kept for the backward pass, gradients,
 workspaces; from ``compiled.memory_analysis()``). ``total_bytes`` adds them: the state is
 donated on accelerators, so the step's outputs reuse its inputs' buffers. ``fits``: total <=
-``device_memory``. The temporaries are those of XLA:CPU's schedule of the same program; an
+``device_memory``. ``flops_per_step``: the model FLOPs of the step by the formula of
+``modeling/flops.py`` (XLA's own count, ``xla_flops_per_device``, sees a scanned layer loop's
+body once, not once per layer). The temporaries are those of XLA:CPU's schedule of the same program; an
 accelerator's compiler schedules differently, so read them as an estimate (the parameter,
 adapter and optimizer bytes are exact).
 """
@@ -31,6 +33,7 @@ from difflora_jax.catalog import load_method, model_shape
 from difflora_jax.config import AdapterConfig, ModelConfig
 from difflora_jax.errors import ConfigError
 from difflora_jax.modeling.adapters import AdapterParam, apply_adapters, count_adapter_params
+from difflora_jax.modeling.flops import train_step_flops
 from difflora_jax.modeling.llama import LlamaForCausalLM
 from difflora_jax.parallel import MeshConfig, make_mesh, make_rules
 from difflora_jax.parallel.shard import batch_sharding, optimizer_shardings, state_shardings
@@ -157,8 +160,8 @@ def plan(
         "adapter_params": count_adapter_params(abstract),
         **sizes,
         "total_bytes_per_device": total,
-        "flops_per_device": float(cost.get("flops", 0.0)) if cost else 0.0,
-        "flops_per_step": float(cost.get("flops", 0.0)) * devices if cost else 0.0,
+        "flops_per_step": train_step_flops(abstract, batch, seq_len),
+        "xla_flops_per_device": float(cost.get("flops", 0.0)) if cost else 0.0,
         "device_memory": device_memory,
         "fits": None if device_memory is None else total <= device_memory,
         "compile_s": round(time.perf_counter() - start, 1),
@@ -209,8 +212,8 @@ def render(result: dict[str, Any]) -> str:
     ):
         lines.append(f"  {label:<20} {_gib(result[key]):>14}")
     lines.append(
-        f"FLOPs per step: {result['flops_per_step']:.3e} ({result['flops_per_device']:.3e} "
-        "per device, XLA cost analysis)"
+        f"model FLOPs per step: {result['flops_per_step']:.3e} (modeling/flops.py; "
+        f"{result['flops_per_step'] / result['devices']:.3e} per device)"
     )
     if result["device_memory"] is not None:
         verdict = "fits" if result["fits"] else "does NOT fit"

@@ -1,4 +1,4 @@
-"""The FLOP formula of ``bench.flops`` against XLA's own count of the compiled computation
+"""The FLOP formula of ``modeling.flops`` against XLA's own count of the compiled computation
 (``cost_analysis``) on a model whose matmuls dominate: dense attention (XLA computes every
 query-key pair, so the formula counts them all with ``causal=False``), unrolled layers (XLA
 counts a loop body once), no dropout."""
@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from difflora_jax.bench.flops import measured_matmul_flops, prefill_flops, train_step_flops
 from difflora_jax.config import AdapterConfig
 from difflora_jax.losses import batch_loss
 from difflora_jax.modeling.adapters import AdapterParam, apply_adapters
+from difflora_jax.modeling.flops import measured_matmul_flops, prefill_flops, train_step_flops
 from difflora_jax.modeling.llama import LlamaForCausalLM
 from tests.tiny import random_batch, tiny_config
 from tests.variants import difflora
