@@ -206,9 +206,16 @@ def _prepare(
     run_config = _resolved(config, adapter_config)
     run_dir = Path(config.output_dir).expanduser().absolute()
     _check_run_dir(run_dir, run_config, resume)
-    if model is None:
+    mesh = make_mesh(config.mesh)
+    rules = make_rules(config.sharding_rules)
+    _check_batch_divides(config, mesh, rules)
+    if model is None:  # read straight into shards
         model, loaded = load_model(
-            config.model, dtype=config.dtype, attention_backend=config.attention_backend
+            config.model,
+            dtype=config.dtype,
+            attention_backend=config.attention_backend,
+            mesh=mesh,
+            rules=rules,
         )
         tokenizer = loaded if tokenizer is None else tokenizer
     if getattr(model, "adapter_config", None) is None:
@@ -220,10 +227,7 @@ def _prepare(
         )
     reseed_dropout(model, config.seed, config.dropout_prng)
     model.set_layer_execution(scan=config.scan_layers, remat=config.remat)
-    mesh = make_mesh(config.mesh)
-    rules = make_rules(config.sharding_rules)
-    _check_batch_divides(config, mesh, rules)
-    shard_model(model, mesh, rules)
+    shard_model(model, mesh, rules)  # the adapters (and a model passed in)
     if batches is None:
         batches = build_batches(
             config.data, tokenizer, batch_size=config.batch_size, vocab_size=model.config.vocab_size

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from jax.typing import DTypeLike
 
 from difflora_jax.adapter_checkpoint import load_adapter
@@ -20,11 +21,14 @@ from difflora_jax.errors import AssetNotFoundError, CheckpointError, ConfigError
 from difflora_jax.modeling.adapters import apply_adapters
 from difflora_jax.modeling.attention import BACKENDS
 from difflora_jax.modeling.llama import LlamaForCausalLM
+from difflora_jax.parallel import DEFAULT_RULES, Rules
+from difflora_jax.parallel.shard import shard_model
 from difflora_jax.protocols import Tokenizer
 from difflora_jax.weights.gguf_io import model_config_from_gguf, open_gguf, read_gguf_tensors
 from difflora_jax.weights.hf_config import read_hf_config
 from difflora_jax.weights.layout import hf_layout
 from difflora_jax.weights.safetensors_io import SafetensorsCheckpoint
+from difflora_jax.weights.sharded import fill_sharded
 from difflora_jax.weights.tokenizer import tokenizer_from_directory, tokenizer_from_gguf
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -100,8 +104,12 @@ def build_model(
     dtype: str = "float32",
     attention_backend: str = "xla",
     source: str = "checkpoint",
+    mesh: Mesh | None = None,
+    rules: Rules | None = None,
 ) -> LlamaForCausalLM:
-    """A model of ``config`` filled from HF-named ``tensors``, each validated for name and shape."""
+    """A model of ``config`` filled from HF-named ``tensors``, each validated for name and shape.
+    With a ``mesh`` (``tensors`` a safetensors checkpoint) each parameter is read shard by shard
+    straight onto the mesh as ``rules`` place it (``weights/sharded.py``)."""
     param_dtype = _dtype(dtype)
     if attention_backend not in BACKENDS:
         raise ConfigError(
@@ -131,6 +139,11 @@ def build_model(
             config, dtype=param_dtype, attention_backend=attention_backend, rngs=nnx.Rngs(0)
         )
     )
+    if mesh is not None:
+        if not isinstance(tensors, SafetensorsCheckpoint):
+            raise ValueError("sharded loading reads safetensors checkpoints")
+        fill_sharded(model, layout, tensors, mesh, rules or DEFAULT_RULES, param_dtype, source)
+        return model
     for path, variable in nnx.to_flat_state(nnx.state(model)):
         key = ".".join(str(p) for p in path)
         entry = layout[key]
@@ -166,6 +179,8 @@ def load_model(
     attention_backend: str = "xla",
     with_tokenizer: bool = True,
     adapter: AdapterConfig | str | os.PathLike | None = None,
+    mesh: Mesh | None = None,
+    rules: Rules | None = None,
 ) -> tuple[LlamaForCausalLM, Tokenizer | None]:
     """Load ``(model, tokenizer)`` from a HF directory, a ``.gguf`` file or an alias.
 
@@ -177,6 +192,10 @@ def load_model(
     ``adapter``: an ``AdapterConfig``, a methods YAML path or name (``difflora-32``): fresh
     adapters are added; or an adapter checkpoint directory: its adapters are restored after
     checking that they belong to this base model.
+
+    ``mesh`` / ``rules`` (``parallel``): place the weights on the mesh. Safetensors tensors are
+    read shard by shard (no host holds a whole tensor it does not keep); GGUF tensors are
+    dequantized whole, one at a time, then placed. Adapters follow the same rules.
     """
     _dtype(dtype)
     path = resolve_source(source)
@@ -189,11 +208,20 @@ def load_model(
         config = read_hf_config(path)
         tensors = SafetensorsCheckpoint(path)
         tokenizer = tokenizer_from_directory(path) if with_tokenizer else None
+    sharded = mesh is not None and isinstance(tensors, SafetensorsCheckpoint)
     model = build_model(
-        config, tensors, dtype=dtype, attention_backend=attention_backend, source=str(path)
+        config,
+        tensors,
+        dtype=dtype,
+        attention_backend=attention_backend,
+        source=str(path),
+        mesh=mesh if sharded else None,
+        rules=rules,
     )
     if adapter is not None:
         model = attach_adapter(model, adapter)
+    if mesh is not None:
+        shard_model(model, mesh, rules or DEFAULT_RULES)  # GGUF weights, adapters
     jax.block_until_ready(nnx.state(model))
     return model, tokenizer
 

@@ -25,6 +25,7 @@ class SafetensorsCheckpoint(Mapping[str, np.ndarray]):
 
     def __init__(self, directory: Path):
         self.directory = directory
+        self.bytes_read = 0  # tensor bytes read so far (whole tensors and blocks)
         index = directory / INDEX_FILE
         single = directory / SINGLE_FILE
         if index.is_file():
@@ -55,7 +56,20 @@ class SafetensorsCheckpoint(Mapping[str, np.ndarray]):
         return _read(file, lambda f: list(f.keys()))
 
     def __getitem__(self, name: str) -> np.ndarray:
-        return _read(self._files[name], lambda f: f.get_tensor(name), tensor=name)
+        tensor = _read(self._files[name], lambda f: f.get_tensor(name), tensor=name)
+        self.bytes_read += tensor.nbytes
+        return tensor
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, from the file header (no data read)."""
+        return tuple(_read(self._files[name], lambda f: f.get_slice(name).get_shape(), tensor=name))
+
+    def read_block(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """The block ``tensor[index]`` (one slice per axis), reading only its bytes (rows of
+        a contiguous range as one read; what sharded loading asks for)."""
+        block = _read(self._files[name], lambda f: f.get_slice(name)[index], tensor=name)
+        self.bytes_read += block.nbytes
+        return block
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._files)

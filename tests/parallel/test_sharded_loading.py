@@ -1,0 +1,74 @@
+"""Safetensors checkpoints load straight into shards: the same logits and generations as the
+unsharded load on three meshes, and no process reads more than its share of the tensor bytes
+(counted by the reader)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.tiny import tiny_config, tiny_model, write_hf_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+# every dimension the meshes split divides 8 (fsdp) and 4 (tensor): 8 heads, 4 KV heads
+CONFIG = tiny_config(num_heads=8, num_kv_heads=4, head_dim=8, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("sharded") / "model"
+    write_hf_checkpoint(directory, tiny_model(None, config=CONFIG))
+    return directory
+
+
+def _worker(*args: str) -> subprocess.Popen:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    env.pop("XLA_FLAGS", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.parallel.load_worker", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _result(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate(timeout=600)
+    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, err[-3000:]
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def test_sharded_load_equals_the_unsharded_load(checkpoint):
+    result = _result(_worker("single", str(checkpoint)))
+    for mesh in ("1x8x1", "1x2x4", "2x2x2"):
+        r = result[mesh]
+        assert r["logit_diff"] <= 1e-5, (mesh, r)
+        assert r["same_generation"], mesh
+        # replicated shards are read once: each byte of the file exactly once
+        assert r["bytes_read"] == result["file_bytes"], (mesh, r)
+    # q_proj kernel [embed 64, heads 8, head_dim 8]: embed over fsdp, heads over tensor
+    assert result["1x8x1"]["q_kernel_shard"] == [8, 8, 8]
+    assert result["1x2x4"]["q_kernel_shard"] == [32, 2, 8]
+    assert result["2x2x2"]["q_kernel_shard"] == [32, 4, 8]
+
+
+def test_two_processes_each_read_only_their_share(checkpoint):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    procs = [_worker("multi", str(checkpoint), address, str(i)) for i in range(2)]
+    results = [_result(p) for p in procs]
+    for r in results:
+        assert r["processes"] == 2
+        # half of every matrix (fsdp=8 over 2 x 4 devices) plus the replicated norm scales
+        assert r["bytes_read"] == r["share"] < 0.6 * r["file_bytes"], r
+        assert r["q_kernel_shard"] == [8, 8, 8]
