@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from difflora_jax.modeling.llama import LlamaForCausalLM
+
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 
 
@@ -73,7 +75,7 @@ def chunked_token_loss_sum(
         flat = jnp.pad(flat, ((0, pad), (0, 0)))
         mask, labels = jnp.pad(mask, (0, pad)), jnp.pad(labels, (0, pad))
     loss = _chunked_loss(flat, head, labels, mask, vocab_axis, chunk)
-    return loss, jnp.sum(mask)
+    return jnp.asarray(loss), jnp.sum(mask)
 
 
 def _chunk_logits(h: jax.Array, head: jax.Array, vocab_axis: int) -> jax.Array:
@@ -162,7 +164,7 @@ def batch_logits(model: nnx.Module, batch: Mapping[str, jax.Array]) -> jax.Array
     )
 
 
-def batch_loss_sum(model: nnx.Module, batch: Mapping[str, jax.Array]) -> jax.Array:
+def batch_loss_sum(model: LlamaForCausalLM, batch: Mapping[str, jax.Array]) -> jax.Array:
     """``sum(loss_mask * cross_entropy)`` of ``model`` on ``batch`` (what gradients add up),
     through the chunked LM head (:func:`chunked_token_loss_sum`)."""
     segment_ids = batch["segment_ids"]
@@ -179,7 +181,7 @@ def batch_loss_sum(model: nnx.Module, batch: Mapping[str, jax.Array]) -> jax.Arr
     return loss_sum
 
 
-def batch_loss(model: nnx.Module, batch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
+def batch_loss(model: LlamaForCausalLM, batch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
     """``(mean loss over loss tokens, loss tokens)`` of ``model`` as it is (no dropout unless the
     caller passes a training view); the reference the train step is tested against."""
     batch = {k: jnp.asarray(batch[k]) for k in BATCH_KEYS}

@@ -168,7 +168,7 @@ def _pallas_flash(query, key, value, segments, scale: float) -> jax.Array:
         block_sizes=sizes,
         interpret=jax.default_backend() != "gpu",
     )
-    return out[:, :length]
+    return jnp.asarray(out)[:, :length]
 
 
 def _dense(query, key, value, mask, scale: float) -> jax.Array:

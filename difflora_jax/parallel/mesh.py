@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -61,7 +62,7 @@ class MeshConfig:
         return tuple(sizes)  # type: ignore[return-value]
 
 
-def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(config: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
     """A ``Mesh`` over ``devices`` (default: all, every process's) with axes ``data``, ``fsdp``,
     ``tensor`` (automatic sharding propagation inside jit)."""
     devices = list(jax.devices() if devices is None else devices)

@@ -77,7 +77,7 @@ def local_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> slice:
     contiguous range: what it feeds ``jax.make_array_from_process_local_data``)."""
     starts, stops = [], []
     for index in sharding.addressable_devices_indices_map(global_shape).values():
-        rows = index[0]
+        rows = slice(None) if index is None else index[0]
         starts.append(rows.start or 0)
         stops.append(global_shape[0] if rows.stop is None else rows.stop)
     lo, hi = min(starts), max(stops)

@@ -143,7 +143,7 @@ def plan(
         "adapter_bytes_per_device": _shard_bytes(params),
         "optimizer_bytes_per_device": _shard_bytes(opt_state),
         "batch_bytes_per_device": _shard_bytes(batch_arrays),
-        "temp_bytes_per_device": int(memory.temp_size_in_bytes),
+        "temp_bytes_per_device": 0 if memory is None else int(memory.temp_size_in_bytes),
     }
     total = sum(sizes.values())
     devices = device_mesh.devices.size
