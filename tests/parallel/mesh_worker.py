@@ -79,7 +79,7 @@ def _wrong_shardings(model, params, rest, opt_state, tx, mesh, rules) -> list[st
     return wrong
 
 
-def run(method: str, shape: tuple[int, int, int]) -> dict:
+def run(method: str, shape: tuple[int, int, int], accum: int = 1) -> dict:
     adapter = dataclasses.replace(load_method(METHODS[method]))
     model = tiny_model(adapter, config=CONFIG)
     reseed_dropout(model, 0)
@@ -92,9 +92,17 @@ def run(method: str, shape: tuple[int, int, int]) -> dict:
     opt_state = init_optimizer(tx, params, mesh)
     wrong = _wrong_shardings(model, params, rest, opt_state, tx, mesh, rules)
     step = ShardedStep(
-        graphdef, optimizer, 1, mesh, rules, params=params, opt_state=opt_state, rng=rng, rest=rest
+        graphdef,
+        optimizer,
+        accum,
+        mesh,
+        rules,
+        params=params,
+        opt_state=opt_state,
+        rng=rng,
+        rest=rest,
     )
-    grads_fn = jax.jit(compute_gradients, static_argnums=0)
+    grads_fn = jax.jit(compute_gradients, static_argnums=(0, 5))
     losses, grads = [], []
     for i in range(3):
         batch = global_batch(
@@ -103,7 +111,7 @@ def run(method: str, shape: tuple[int, int, int]) -> dict:
         if i == 0:
             hlo = step.lower(params, opt_state, rng, rest, batch).compile().as_text()
         with use_mesh(mesh, rules):
-            g, _, _, _ = grads_fn(graphdef, params, rng, rest, batch)
+            g, _, _, _ = grads_fn(graphdef, params, rng, rest, batch, accum)
         params, opt_state, rng, metrics = step(params, opt_state, rng, rest, batch)
         losses.append(float(metrics["loss"]))
         grads.append({k: np.asarray(v) for k, v in flatten(g).items()})
@@ -132,16 +140,22 @@ def run(method: str, shape: tuple[int, int, int]) -> dict:
 def main() -> None:
     method = sys.argv[1]
     assert jax.device_count() == 8, jax.devices()
-    results = {shape: run(method, shape) for shape in MESHES}
-    ref = results[(1, 1, 1)]
+    results = {"x".join(map(str, shape)): run(method, shape) for shape in MESHES}
+    # gradient accumulation on a mesh (two micro-batches of 4 rows, each split over 4 devices)
+    # against accumulation on one device (dropout draws per micro-batch, so not against 1x1x1)
+    accumulated = {
+        "1x1x1-accum2": run(method, (1, 1, 1), accum=2),
+        "2x2x2-accum2": run(method, (2, 2, 2), accum=2),
+    }
     out = {}
-    for shape, r in results.items():
+    for shape, r in [*results.items(), *accumulated.items()]:
+        ref = results["1x1x1"] if shape in results else accumulated["1x1x1-accum2"]
         grad_diff = max(
             float(np.max(np.abs(g[k] - rg[k])))
             for g, rg in zip(r["grads"], ref["grads"])
             for k in g
         )
-        out["x".join(map(str, shape))] = {
+        out[shape] = {
             "losses": r["losses"],
             "loss_diff": max(abs(a - b) for a, b in zip(r["losses"], ref["losses"])),
             "grad_diff": grad_diff,
