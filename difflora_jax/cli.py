@@ -172,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_bench_parser(commands)
     _add_plan_parser(commands)
+    _add_eval_parser(commands)
     return parser
 
 
@@ -249,6 +250,66 @@ def _mesh_arg(text: str) -> dict[str, int]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"{part!r}: {value!r} is not an integer") from None
     return out
+
+
+def _add_eval_parser(commands) -> None:
+    p = commands.add_parser(
+        "eval", help="run the paper's evaluations (needle-in-a-haystack, HumanEval) on a model"
+    )
+    _add_model_args(p)
+    p.add_argument("--adapter", help="an adapter checkpoint directory (trained adapters)")
+    p.add_argument(
+        "--task",
+        required=True,
+        help="comma-separated: nih-single, nih-mk2, nih-mk3, nih-mv, humaneval",
+    )
+    p.add_argument("--lengths", type=_int_list, default=[1024], help="prompt tokens: 1024,2048")
+    p.add_argument("--num", type=_positive_int, default=20, help="items per length (or problems)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", help="a RULER-style JSONL instead of generated needles")
+    p.add_argument("--batch-size", type=_positive_int, default=4)
+    p.add_argument("--max-new-tokens", type=_positive_int)
+    p.add_argument("--out", required=True, help="a new directory: results.json and table.md")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from difflora_jax.evaluation import suite  # start-up time (module docstring)
+    from difflora_jax.weights.loading import load_model  # start-up time
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DiffLoRAError(f"--out {out} exists and is not an empty directory")
+    tasks = [t for t in args.task.split(",") if t]
+    for task in tasks:
+        if task not in suite.EVAL_TASKS:
+            raise DiffLoRAError(f"unknown task {task!r}; known: {list(suite.EVAL_TASKS)}")
+    model, tokenizer = load_model(args.model, dtype=args.dtype, adapter=args.adapter)
+    if tokenizer is None:
+        raise DiffLoRAError(f"{args.model} has no tokenizer; evaluations need one")
+    records = []
+    for task in tasks:
+        records += suite.run_task(
+            task,
+            model,
+            tokenizer,
+            lengths=args.lengths,
+            num=args.num,
+            seed=args.seed,
+            data=args.data,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            progress=not args.no_progress,
+        )
+    rows = suite.summarize(records)
+    meta = {
+        "command": "difflora " + " ".join(args.argv),
+        "date": suite.timestamp(),
+        "model": args.model,
+        "adapter": args.adapter,
+    }
+    suite.write_results(out, meta, records, rows)
+    print(suite.markdown_table(rows))
 
 
 def _add_plan_parser(commands) -> None:
@@ -435,6 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "import": _import,
         "bench": _bench,
         "plan": _plan,
+        "eval": _eval,
     }
     try:
         run[args.command](args)

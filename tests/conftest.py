@@ -154,3 +154,23 @@ def tiny_hf_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny_hf") / "tiny-llama"
     write_hf_checkpoint(directory, tiny_model(None, seed=1), tokenizer=byte_tokenizer())
     return directory
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The real SmolLM2-135M-Instruct tokenizer (ChatML template), built from the GGUF metadata
+    alone (no weights are read)."""
+    from difflora_jax.weights.gguf_io import open_gguf
+    from difflora_jax.weights.loading import resolve_source
+    from difflora_jax.weights.tokenizer import tokenizer_from_gguf
+
+    path = resolve_source("smollm2-135m-instruct")
+    return tokenizer_from_gguf(open_gguf(path), path)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (dequantized GGUF, float32) and its tokenizer."""
+    from difflora_jax.weights.loading import load_model
+
+    return load_model("smollm2-135m-instruct")

@@ -1,0 +1,215 @@
+"""Running evaluations over a model: batched greedy generation, scores, summaries, and the
+files ``difflora eval`` writes (``results.json`` with every item, ``table.md``).
+
+Tasks: ``nih-single``, ``nih-mk2``, ``nih-mk3``, ``nih-mv`` (generated, over ``lengths``; or a
+RULER-style JSONL via ``data``) and ``humaneval`` (the packaged problems, executed in the
+sandbox of ``evaluation.humaneval``). Every task also reports generation health (distinct-n,
+longest repeated n-gram) of its outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from difflora_jax.errors import ConfigError
+from difflora_jax.evaluation.humaneval import SandboxLimits, check_completion, load_problems
+from difflora_jax.evaluation.metrics import contains_all, generation_health
+from difflora_jax.evaluation.nih import TASKS as NIH_TASKS
+from difflora_jax.evaluation.nih import NIHItem, load_nih_jsonl, make_nih_set
+from difflora_jax.generation import generate
+from difflora_jax.modeling.llama import LlamaForCausalLM
+from difflora_jax.protocols import Tokenizer
+
+EVAL_TASKS = (*NIH_TASKS, "humaneval")
+
+
+def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def evaluate_nih(
+    model: LlamaForCausalLM,
+    tokenizer: Tokenizer,
+    items: Sequence[NIHItem],
+    *,
+    batch_size: int = 4,
+    max_new_tokens: int = 32,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Greedy answers to ``items`` (chat template), each scored by the fraction of its gold
+    values found in the output. Items of one length are batched together."""
+    records = []
+    by_length: dict[int, list[NIHItem]] = defaultdict(list)
+    for item in items:
+        by_length[item.length].append(item)
+    bar = tqdm(total=len(items), desc="needles", disable=not progress, dynamic_ncols=True)
+    for length in sorted(by_length):
+        for chunk in _batches(by_length[length], batch_size):
+            outputs = generate(
+                model,
+                tokenizer,
+                [item.messages() if item.question else item.context for item in chunk],
+                chat=bool(chunk[0].question),
+                max_new_tokens=max_new_tokens,
+            )
+            for item, out in zip(chunk, outputs):
+                records.append(
+                    {
+                        "task": item.task,
+                        "length": item.length,
+                        "seed": item.seed,
+                        "answers": list(item.answers),
+                        "output": out.text,
+                        "score": contains_all(out.text, item.answers),
+                        "depths": [round(n.depth, 3) for n in item.needles],
+                    }
+                )
+            bar.update(len(chunk))
+    bar.close()
+    return records
+
+
+# Where a HumanEval completion ends: the next top-level statement (the standard stop set).
+HUMANEVAL_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
+
+
+def evaluate_humaneval(
+    model: LlamaForCausalLM,
+    tokenizer: Tokenizer,
+    *,
+    num: int = 164,
+    batch_size: int = 4,
+    max_new_tokens: int = 384,
+    limits: SandboxLimits | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """pass@1 with greedy completions of the first ``num`` problems (the prompt as text, no
+    chat template, cut at the standard stop sequences), each run by the sandbox."""
+    problems = load_problems()[:num]
+    limits = limits or SandboxLimits()
+    records = []
+    bar = tqdm(total=len(problems), desc="humaneval", disable=not progress, dynamic_ncols=True)
+    for chunk in _batches(problems, batch_size):
+        outputs = generate(
+            model,
+            tokenizer,
+            [p["prompt"] for p in chunk],
+            max_new_tokens=max_new_tokens,
+            stop=HUMANEVAL_STOPS,
+        )
+        for problem, out in zip(chunk, outputs):
+            result = check_completion(problem, out.text, limits)
+            records.append(
+                {
+                    "task": "humaneval",
+                    "length": 0,
+                    "task_id": problem["task_id"],
+                    "output": out.text,
+                    "score": float(result.passed),
+                    "status": result.status,
+                    "detail": result.detail,
+                }
+            )
+        bar.update(len(chunk))
+    bar.close()
+    return records
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean score (and generation health) per (task, length)."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[(r["task"], r.get("length", 0))].append(r)
+    rows = []
+    for (task, length), group in sorted(groups.items()):
+        rows.append(
+            {
+                "task": task,
+                "length": length,
+                "n": len(group),
+                "score": sum(r["score"] for r in group) / len(group),
+                **generation_health(r["output"] for r in group),
+            }
+        )
+    return rows
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], header: str = "") -> str:
+    lines = [header, ""] if header else []
+    lines += [
+        "| task | length | n | score | distinct-2 | longest repeat (mean / max) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['task']} | {r['length'] or '-'} | {r['n']} | {r['score']:.3f} | "
+            f"{r.get('distinct_2', float('nan')):.3f} | {r.get('longest_repeat_mean', 0):.1f} / "
+            f"{r.get('longest_repeat_max', 0):.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_task(
+    task: str,
+    model: LlamaForCausalLM,
+    tokenizer: Tokenizer,
+    *,
+    lengths: Sequence[int] = (1024,),
+    num: int = 20,
+    seed: int = 0,
+    data: str | None = None,
+    batch_size: int = 4,
+    max_new_tokens: int | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """The per-item records of one task (see the module docstring)."""
+    if task not in EVAL_TASKS:
+        raise ConfigError(f"unknown evaluation task {task!r}; known: {list(EVAL_TASKS)}")
+    if task == "humaneval":
+        return evaluate_humaneval(
+            model, tokenizer, num=num, batch_size=batch_size, max_new_tokens=max_new_tokens or 384,
+            progress=progress,
+        )  # fmt: skip
+    limit = model.config.max_position_embeddings
+    too_long = [n for n in lengths if n + (max_new_tokens or 32) > limit]
+    if too_long:
+        raise ConfigError(
+            f"lengths {too_long} plus the answer exceed the model's {limit} positions"
+        )
+    items = (
+        load_nih_jsonl(data, task) if data else make_nih_set(task, lengths, tokenizer, num, seed)
+    )
+    return evaluate_nih(
+        model, tokenizer, items, batch_size=batch_size, max_new_tokens=max_new_tokens or 32,
+        progress=progress,
+    )  # fmt: skip
+
+
+def write_results(out: Path, meta: dict[str, Any], records: list[dict], rows: list[dict]) -> None:
+    """``results.json`` (meta, summary rows, every record) and ``table.md`` in ``out``, written
+    to a temporary directory renamed at the end (a failure leaves nothing); an existing
+    non-empty ``out`` is refused."""
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {out} exists and is not empty; choose another directory")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=False)
+    (tmp / "results.json").write_text(
+        json.dumps({"meta": meta, "summary": rows, "records": records}, indent=1)
+    )
+    header = f"`{meta['command']}` ({meta['date']})"
+    (tmp / "table.md").write_text(markdown_table(rows, header))
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+
+
+def timestamp() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
