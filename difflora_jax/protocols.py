@@ -29,9 +29,16 @@ class Tokenizer(Protocol):
     def eos_token_id(self) -> int | None: ...
 
     def __call__(
-        self, text: str | list[str], /, *, add_special_tokens: bool = ...
+        self,
+        text: str | list[str],
+        /,
+        *,
+        add_special_tokens: bool = ...,
+        return_offsets_mapping: bool = ...,
     ) -> Mapping[str, Any]:
-        """``{"input_ids": ids}``: one id list for a string, one per string for a list."""
+        """``{"input_ids": ids}``: one id list for a string, one per string for a list; with
+        ``return_offsets_mapping``, also each token's ``(start, end)`` characters (fast
+        tokenizers)."""
         ...
 
     def apply_chat_template(

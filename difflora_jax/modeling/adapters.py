@@ -240,8 +240,9 @@ class DifferentialAttention(nnx.Module):
         negative = jnp.exp(jnp.sum(self.lambda_q2[...] * self.lambda_k2[...]))
         return positive - negative + self.lambda_init[...]
 
-    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
-        h = self.num_heads
+    def _queries_keys(self, x, cos, sin):
+        """RoPE'd ``[Q1; Q2]`` ``[b, t, 2 heads, d]`` and ``[K1; K2]`` ``[b, t, 2 kv_heads, d]``
+        stacked on the head axis, and the dtype of the projections."""
         query = self.q_proj.base(x)  # X W_Q: [batch, length, heads, head_dim]
         key = self.k_proj.base(x)  # X W_K: [batch, length, kv_heads, head_dim]
         q1 = query if self.q_proj.lora is None else query + self.q_proj.lora(x).astype(query.dtype)
@@ -250,9 +251,25 @@ class DifferentialAttention(nnx.Module):
         k2 = self.negative_k(x).astype(key.dtype)
         if self.negative_term == "base_plus_adapters":
             q2, k2 = query + q2, key + k2
+        queries = apply_rope(jnp.concatenate([q1, q2], axis=2), cos, sin)
+        keys = apply_rope(jnp.concatenate([k1, k2], axis=2), cos, sin)
+        return queries, keys, query.dtype
+
+    def attention_maps(self, x, cos, sin, mask) -> tuple[jax.Array, jax.Array | None]:
+        """``(positive map, lambda * negative map)``, each float32 ``[b, heads, t, s]``: the two
+        terms whose difference weighs V (what the paper's attention-mass figure reads)."""
+        queries, keys, _ = self._queries_keys(x, cos, sin)
+        probs = attention_probs(queries, keys, mask)  # [b, 2 kv_heads, groups, t, s]
+        b, _, groups, t, s = probs.shape
+        kv = self.num_kv_heads
+        positive = probs[:, :kv].reshape(b, kv * groups, t, s)
+        negative = probs[:, kv:].reshape(b, kv * groups, t, s)
+        return positive, self.lambda_value().astype(jnp.float32) * negative
+
+    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
+        h = self.num_heads
+        queries, keys, dtype = self._queries_keys(x, cos, sin)  # [b, t, 2 heads | 2 kv_heads, d]
         value = self.values(x)
-        queries = apply_rope(jnp.concatenate([q1, q2], axis=2), cos, sin)  # [b, t, 2 heads, d]
-        keys = apply_rope(jnp.concatenate([k1, k2], axis=2), cos, sin)  # [b, t, 2 kv_heads, d]
         if kv_cache is not None:
             assert cache_index is not None  # a cache comes with the slot to write
             keys = write_kv(kv_cache[0], keys, cache_index)
@@ -282,7 +299,7 @@ class DifferentialAttention(nnx.Module):
         if self.group_norm is not None:
             out = out * jax.lax.rsqrt(jnp.mean(out * out, axis=-1, keepdims=True) + 1e-5)
             out = out * self.group_norm[...] * (1.0 - self.lambda_init[...])
-        y = self.o_proj(out.astype(query.dtype))
+        y = self.o_proj(out.astype(dtype))
         if self.output_branch is not None:
             y = y + self.output_branch(x).astype(y.dtype)
         return y, kv_cache

@@ -39,6 +39,7 @@ from difflora_jax.modeling.attention import (
     AttentionMask,
     KVCache,
     attention,
+    attention_probs,
     make_attention_mask,
     write_kv,
 )
@@ -84,6 +85,13 @@ class AttentionLayer(Protocol):
     @property
     def cache_heads(self) -> tuple[int, int]:
         """``(key heads, value heads)`` the layer keeps in the KV cache per token."""
+        ...
+
+    def attention_maps(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: AttentionMask, /
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """The positive map and the lambda-scaled negative map (None for standard attention),
+        float32 ``[batch, heads, q_len, kv_len]``."""
         ...
 
     def __call__(
@@ -194,6 +202,14 @@ class Attention(nnx.Module):
     def cache_heads(self) -> tuple[int, int]:
         """``(key heads, value heads)`` this layer keeps in the KV cache per token."""
         return self.k_proj.out_shape[0], self.v_proj.out_shape[0]
+
+    def attention_maps(self, x, cos, sin, mask) -> tuple[jax.Array, jax.Array | None]:
+        """``(softmax map, None)``: the float32 map ``[b, heads, t, s]`` (no negative term)."""
+        query = apply_rope(self.q_proj(x), cos, sin)
+        key = apply_rope(self.k_proj(x), cos, sin)
+        probs = attention_probs(query, key, mask)  # [b, kv_heads, groups, t, s]
+        b, kv, groups, t, s = probs.shape
+        return probs.reshape(b, kv * groups, t, s), None
 
     def __call__(
         self,
@@ -508,6 +524,35 @@ class LlamaForCausalLM(nnx.Module):
         if self.config.tie_word_embeddings:
             return self.embed_tokens.embedding[...], 0
         return self.lm_head.kernel[...], 1
+
+    def attention_maps(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        query_rows: jax.Array | None = None,
+    ) -> list[tuple[jax.Array, jax.Array | None]]:
+        """Per layer, ``(positive map, lambda * negative map or None)`` float32 ``[batch,
+        heads, queries, length]``, for the rows ``query_rows`` (default: all). The layers run
+        one by one (unrolled); meant for analysis (the attention-mass evaluation), not speed."""
+        batch, length = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((batch, length), jnp.int32)
+        positions = default_positions(attention_mask)
+        mask = AttentionMask(
+            dense=make_attention_mask(attention_mask.astype(bool), jnp.arange(length))
+        )
+        cos, sin = rope_angles(positions, inverse_frequencies(self.config))
+        x = self.embed_tokens(input_ids)
+        maps = []
+        for layer in self.layers:
+            positive, negative = layer.attn.attention_maps(layer.input_norm(x), cos, sin, mask)
+            if query_rows is not None:
+                positive = positive[:, :, query_rows]
+                negative = None if negative is None else negative[:, :, query_rows]
+            maps.append((positive, negative))
+            x, _ = layer(x, cos, sin, mask)
+        return maps
 
     def init_cache(self, batch: int, max_length: int) -> KVCache:
         """An empty KV cache for ``batch`` sequences of up to ``max_length`` tokens."""

@@ -110,12 +110,15 @@ def reference_logits(
     adapter,
     input_ids,
     attention_mask=None,
+    maps: list | None = None,
 ) -> np.ndarray:
     """float64 logits ``[b, t, vocab]`` of the tiny Llama (``config``: a ModelConfig, read
     field by field) with the adapters of ``adapter`` (an AdapterConfig, or None for the base).
 
     ``params`` maps dotted parameter names (``layers.0.attn.q_proj.kernel``) to arrays in the
     model's layout: kernels ``[in..., out...]``, LoRA a ``[*in, r]`` and b ``[r, *out]``.
+    ``maps``: a list that receives, per layer, ``(positive map, lambda * negative map or None)``
+    ``[b, heads, t, s]``.
     """
     p = params if isinstance(params, TrackedParams) else TrackedParams(params)
     ids = np.asarray(input_ids)
@@ -163,6 +166,8 @@ def reference_logits(
             if "k" in targets:
                 key = key + lora(at + "k_proj.lora", xn)
             probs = attention_map(rope(query, positions, theta), rope(key, positions, theta), mask)
+            if maps is not None:
+                maps.append((probs, None))
             out = apply_map(probs, value)
             attn_out = linear(at + "o_proj", out, n_in=2, adapters="o" in targets)
         else:
@@ -189,6 +194,8 @@ def reference_logits(
                 )
             else:
                 lam = lambda_init
+            if maps is not None:
+                maps.append((positive, lam * negative))
             diff = positive - lam * negative
             if adapter.relu_on_differential:
                 diff = np.maximum(diff, 0.0)
