@@ -261,7 +261,7 @@ def _add_eval_parser(commands) -> None:
     p.add_argument(
         "--task",
         required=True,
-        help="comma-separated: nih-single, nih-mk2, nih-mk3, nih-mv, humaneval",
+        help="comma-separated: nih-single, nih-mk2, nih-mk3, nih-mv, humaneval, attention-mass",
     )
     p.add_argument("--lengths", type=_int_list, default=[1024], help="prompt tokens: 1024,2048")
     p.add_argument("--num", type=_positive_int, default=20, help="items per length (or problems)")
@@ -302,6 +302,7 @@ def _eval(args: argparse.Namespace) -> None:
             progress=not args.no_progress,
         )
     rows = suite.summarize(records)
+    attention = suite.summarize_attention(records)
     meta = {
         "command": "difflora " + " ".join(args.argv),
         "date": suite.timestamp(),
@@ -309,7 +310,10 @@ def _eval(args: argparse.Namespace) -> None:
         "adapter": args.adapter,
     }
     suite.write_results(out, meta, records, rows)
-    print(suite.markdown_table(rows))
+    if rows:
+        print(suite.markdown_table(rows))
+    if attention:
+        print(suite.attention_table(attention))
 
 
 def _add_plan_parser(commands) -> None:

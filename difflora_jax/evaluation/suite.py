@@ -20,6 +20,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from difflora_jax.errors import ConfigError
+from difflora_jax.evaluation.attention_mass import SEGMENTS, attention_mass
 from difflora_jax.evaluation.humaneval import SandboxLimits, check_completion, load_problems
 from difflora_jax.evaluation.metrics import contains_all, generation_health
 from difflora_jax.evaluation.nih import TASKS as NIH_TASKS
@@ -28,7 +29,7 @@ from difflora_jax.generation import generate
 from difflora_jax.modeling.llama import LlamaForCausalLM
 from difflora_jax.protocols import Tokenizer
 
-EVAL_TASKS = (*NIH_TASKS, "humaneval")
+EVAL_TASKS = (*NIH_TASKS, "humaneval", "attention-mass")
 
 
 def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
@@ -123,10 +124,48 @@ def evaluate_humaneval(
     return records
 
 
+def summarize_attention(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per length and map (positive, negative): the per-token attention mass of each segment,
+    averaged over items (the attention-mass task's records)."""
+    groups: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        if r["task"] == "attention-mass":
+            groups[r["length"]].append(r)
+    rows = []
+    for length, group in sorted(groups.items()):
+        for term in ("positive", "negative"):
+            found = [r[term]["per_token"] for r in group if term in r]
+            if found:
+                rows.append(
+                    {
+                        "length": length,
+                        "map": term,
+                        "n": len(found),
+                        **{s: float(sum(f[s] for f in found) / len(found)) for s in SEGMENTS},
+                    }
+                )
+    return rows
+
+
+def attention_table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = [
+        "Attention per token of each segment (query rows, heads and layers averaged):",
+        "",
+        "| length | map | n | " + " | ".join(SEGMENTS) + " |",
+        "|---:|---|---:|" + "---:|" * len(SEGMENTS),
+    ]
+    for r in rows:
+        cells = " | ".join(f"{r[s]:.2e}" for s in SEGMENTS)
+        lines.append(f"| {r['length']} | {r['map']} | {r['n']} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
 def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean score (and generation health) per (task, length)."""
+    """Mean score (and generation health) per (task, length) of the generation tasks."""
     groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
+        if r["task"] == "attention-mass":
+            continue
         groups[(r["task"], r.get("length", 0))].append(r)
     rows = []
     for (task, length), group in sorted(groups.items()):
@@ -173,6 +212,16 @@ def run_task(
     """The per-item records of one task (see the module docstring)."""
     if task not in EVAL_TASKS:
         raise ConfigError(f"unknown evaluation task {task!r}; known: {list(EVAL_TASKS)}")
+    if task == "attention-mass":
+        return [
+            {
+                "task": task,
+                "length": item.length,
+                "seed": item.seed,
+                **attention_mass(model, tokenizer, item),
+            }
+            for item in make_nih_set("nih-single", lengths, tokenizer, num, seed)
+        ]
     if task == "humaneval":
         return evaluate_humaneval(
             model, tokenizer, num=num, batch_size=batch_size, max_new_tokens=max_new_tokens or 384,
@@ -205,7 +254,11 @@ def write_results(out: Path, meta: dict[str, Any], records: list[dict], rows: li
         json.dumps({"meta": meta, "summary": rows, "records": records}, indent=1)
     )
     header = f"`{meta['command']}` ({meta['date']})"
-    (tmp / "table.md").write_text(markdown_table(rows, header))
+    attention = summarize_attention(records)
+    table = markdown_table(rows, header) if rows else header + "\n"
+    if attention:
+        table += "\n" + attention_table(attention)
+    (tmp / "table.md").write_text(table)
     if out.exists():
         out.rmdir()
     tmp.rename(out)

@@ -33,6 +33,19 @@ def test_eval_cli_writes_results_and_a_table(tiny_hf_dir, tmp_path, capsys):
     assert json.loads((out / "results.json").read_text()) == results
 
 
+def test_eval_cli_attention_mass(tmp_path, tiny_hf_dir):
+    out = tmp_path / "mass"
+    args = ["eval", "--model", str(tiny_hf_dir), "--adapter", "difflora-32", "--task"]
+    args += ["attention-mass", "--lengths", "450", "--num", "2", "--out", str(out)]
+    assert main([*args, "--no-progress"]) == 0
+    records = json.loads((out / "results.json").read_text())["records"]
+    assert len(records) == 2
+    for r in records:
+        assert sum(r["positive"]["share"].values()) == pytest.approx(1.0, abs=1e-5)
+    table = (out / "table.md").read_text()
+    assert "| 450 | positive | 2 |" in table and "| 450 | negative | 2 |" in table
+
+
 def test_eval_cli_refuses_unknown_tasks_and_lengths_beyond_the_model(tiny_hf_dir, tmp_path, capsys):
     assert (
         main(
