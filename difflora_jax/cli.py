@@ -261,9 +261,12 @@ def _add_eval_parser(commands) -> None:
     p.add_argument(
         "--task",
         required=True,
-        help="comma-separated: nih-single, nih-mk2, nih-mk3, nih-mv, humaneval, attention-mass",
+        help="comma-separated: nih-single, nih-mk2, nih-mk3, nih-mv, icl, rag, humaneval, "
+        "attention-mass",
     )
     p.add_argument("--lengths", type=_int_list, default=[1024], help="prompt tokens: 1024,2048")
+    p.add_argument("--shots", type=_int_list, default=[4, 16, 64], help="icl demonstrations")
+    p.add_argument("--distractors", type=_int_list, default=[4, 9, 19], help="rag distractors")
     p.add_argument("--num", type=_positive_int, default=20, help="items per length (or problems)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", help="a RULER-style JSONL instead of generated needles")
@@ -294,6 +297,8 @@ def _eval(args: argparse.Namespace) -> None:
             model,
             tokenizer,
             lengths=args.lengths,
+            shots=args.shots,
+            distractors=args.distractors,
             num=args.num,
             seed=args.seed,
             data=args.data,

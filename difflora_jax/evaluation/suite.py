@@ -2,7 +2,8 @@
 files ``difflora eval`` writes (``results.json`` with every item, ``table.md``).
 
 Tasks: ``nih-single``, ``nih-mk2``, ``nih-mk3``, ``nih-mv`` (generated, over ``lengths``; or a
-RULER-style JSONL via ``data``) and ``humaneval`` (the packaged problems, executed in the
+RULER-style JSONL via ``data``), ``icl`` (over ``shots``), ``rag`` (over ``distractors``),
+``attention-mass`` (over ``lengths``) and ``humaneval`` (the packaged problems, executed in the
 sandbox of ``evaluation.humaneval``). Every task also reports generation health (distinct-n,
 longest repeated n-gram) of its outputs.
 """
@@ -22,14 +23,16 @@ from tqdm.auto import tqdm
 from difflora_jax.errors import ConfigError
 from difflora_jax.evaluation.attention_mass import SEGMENTS, attention_mass
 from difflora_jax.evaluation.humaneval import SandboxLimits, check_completion, load_problems
+from difflora_jax.evaluation.icl import icl_score, load_icl_jsonl, make_icl, make_icl_from_rows
 from difflora_jax.evaluation.metrics import contains_all, generation_health
 from difflora_jax.evaluation.nih import TASKS as NIH_TASKS
 from difflora_jax.evaluation.nih import NIHItem, load_nih_jsonl, make_nih_set
+from difflora_jax.evaluation.rag import load_rag_jsonl, make_rag
 from difflora_jax.generation import generate
 from difflora_jax.modeling.llama import LlamaForCausalLM
 from difflora_jax.protocols import Tokenizer
 
-EVAL_TASKS = (*NIH_TASKS, "humaneval", "attention-mass")
+EVAL_TASKS = (*NIH_TASKS, "icl", "rag", "humaneval", "attention-mass")
 
 
 def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
@@ -184,7 +187,8 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def markdown_table(rows: Sequence[dict[str, Any]], header: str = "") -> str:
     lines = [header, ""] if header else []
     lines += [
-        "| task | length | n | score | distinct-2 | longest repeat (mean / max) |",
+        "| task | length / shots / distractors | n | score | distinct-2 | longest repeat "
+        "(mean / max) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -196,12 +200,49 @@ def markdown_table(rows: Sequence[dict[str, Any]], header: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _generate_scored(
+    model: LlamaForCausalLM,
+    tokenizer: Tokenizer,
+    task: str,
+    items: Sequence[Any],
+    *,
+    sweep: str,
+    chat: bool,
+    score,
+    batch_size: int,
+    max_new_tokens: int,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """Greedy outputs of ``items`` (their ``prompt`` or ``messages()``) scored by ``score``
+    (output, item); ``length`` records the sweep value ``getattr(item, sweep)``."""
+    records = []
+    bar = tqdm(total=len(items), desc=task, disable=not progress, dynamic_ncols=True)
+    for chunk in _batches(items, batch_size):
+        prompts = [item.messages() if chat else item.prompt for item in chunk]
+        outputs = generate(model, tokenizer, prompts, chat=chat, max_new_tokens=max_new_tokens)
+        for item, out in zip(chunk, outputs):
+            records.append(
+                {
+                    "task": task,
+                    "length": getattr(item, sweep),
+                    "seed": item.seed,
+                    "output": out.text,
+                    "score": score(out.text, item),
+                }
+            )
+        bar.update(len(chunk))
+    bar.close()
+    return records
+
+
 def run_task(
     task: str,
     model: LlamaForCausalLM,
     tokenizer: Tokenizer,
     *,
     lengths: Sequence[int] = (1024,),
+    shots: Sequence[int] = (4, 16, 64),
+    distractors: Sequence[int] = (4, 9, 19),
     num: int = 20,
     seed: int = 0,
     data: str | None = None,
@@ -212,6 +253,29 @@ def run_task(
     """The per-item records of one task (see the module docstring)."""
     if task not in EVAL_TASKS:
         raise ConfigError(f"unknown evaluation task {task!r}; known: {list(EVAL_TASKS)}")
+    if task == "icl":
+        items = [make_icl(n, seed + i) for n in shots for i in range(num)]
+        if data:
+            rows = load_icl_jsonl(data)
+            items = [
+                make_icl_from_rows(rows[:i] + rows[i + 1 :], rows[i], n, seed + i)
+                for n in shots
+                for i in range(min(num, len(rows)))
+            ]
+        return _generate_scored(
+            model, tokenizer, task, items, sweep="shots", chat=False,
+            score=lambda out, item: icl_score(out, item.answer), batch_size=batch_size,
+            max_new_tokens=max_new_tokens or 4, progress=progress,
+        )  # fmt: skip
+    if task == "rag":
+        items = load_rag_jsonl(data) if data else [
+            make_rag(k, seed + i) for k in distractors for i in range(num)
+        ]  # fmt: skip
+        return _generate_scored(
+            model, tokenizer, task, items, sweep="distractors", chat=True,
+            score=lambda out, item: contains_all(out, item.answers), batch_size=batch_size,
+            max_new_tokens=max_new_tokens or 16, progress=progress,
+        )  # fmt: skip
     if task == "attention-mass":
         return [
             {
