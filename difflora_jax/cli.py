@@ -173,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_parser(commands)
     _add_plan_parser(commands)
     _add_eval_parser(commands)
+    _add_lm_eval_parser(commands)
     return parser
 
 
@@ -319,6 +320,31 @@ def _eval(args: argparse.Namespace) -> None:
         print(suite.markdown_table(rows))
     if attention:
         print(suite.attention_table(attention))
+
+
+def _add_lm_eval_parser(commands) -> None:
+    p = commands.add_parser(
+        "lm-eval",
+        help="lm-evaluation-harness with the difflora_jax model registered (--model difflora_jax)",
+        add_help=False,
+    )
+    p.add_argument("harness_args", nargs=argparse.REMAINDER, help="lm_eval's own arguments")
+
+
+def _lm_eval(harness_args: Sequence[str]) -> None:
+    """lm-eval's own command line with ``harness_args`` (``difflora lm-eval ARGS``: argparse
+    does not see them, so every lm_eval option passes through untouched)."""
+    # start-up time (module docstring); importing the plug-in registers the model
+    from lm_eval.__main__ import cli_evaluate
+
+    import difflora_jax.evaluation.lm_eval_model  # noqa: F401
+
+    saved = sys.argv
+    sys.argv = ["lm_eval", *harness_args]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
 
 
 def _add_plan_parser(commands) -> None:
@@ -494,6 +520,9 @@ def _train(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:
+        _lm_eval(argv[1:])
+        return 0
     args = build_parser().parse_args(argv)
     args.argv = argv
     run = {
