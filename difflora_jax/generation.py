@@ -8,6 +8,7 @@ between chunks the host checks EOS and stop strings, so a finished batch stops e
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -15,11 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from difflora_jax.errors import ConfigError
 from difflora_jax.jit import jit_donating
 from difflora_jax.modeling.attention import KVCache
 from difflora_jax.modeling.llama import LlamaForCausalLM, default_positions
+from difflora_jax.parallel import DEFAULT_RULES, Rules, use_mesh
+from difflora_jax.parallel.shard import batch_sharding
 from difflora_jax.protocols import Tokenizer
 
 PROMPT_BUCKET = 16
@@ -203,12 +207,42 @@ def generate_ids(
     pad_token_id: int = 0,
     chunk_size: int = 16,
     should_stop: Callable[[int, list[int]], bool] | None = None,
+    mesh: Mesh | None = None,
+    rules: Rules | None = None,
 ) -> list[tuple[list[int], str]]:
     """Generate from token-id prompts; returns per prompt (new token ids, finish reason).
 
     Token ids include the EOS token that ended a sequence. ``should_stop(row, ids)`` is called
     between chunks for unfinished rows; returning True ends that row with reason ``"stop"``.
+    ``mesh`` (with the model's weights placed on it, as ``load_model(mesh=...)`` does): the
+    prompts and the KV cache are split by rows over the batch rule's mesh axes when the batch
+    divides them (replicated otherwise), and the activations are constrained as in training.
     """
+    if mesh is not None:
+        rules = DEFAULT_RULES if rules is None else rules
+        rows = batch_sharding(mesh, rules)
+        split = math.prod(rows.mesh.shape[a] for a in _axes(rows.spec[0]))
+        if len(prompts) % split == 0:
+            with use_mesh(mesh, rules):
+                return _generate_ids(
+                    model, prompts, max_new_tokens, temperature, top_p, seed, eos_token_ids,
+                    pad_token_id, chunk_size, should_stop, rows,
+                )  # fmt: skip
+    return _generate_ids(
+        model, prompts, max_new_tokens, temperature, top_p, seed, eos_token_ids, pad_token_id,
+        chunk_size, should_stop, None,
+    )  # fmt: skip
+
+
+def _axes(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _generate_ids(
+    model, prompts, max_new_tokens, temperature, top_p, seed, eos_token_ids, pad_token_id,
+    chunk_size, should_stop, rows: NamedSharding | None,
+) -> list[tuple[list[int], str]]:  # fmt: skip
+    """``generate_ids``; ``rows``: the sharding of the prompt rows (None: as JAX places them)."""
     _check_generation_args(prompts, max_new_tokens, temperature, top_p)
     batch = len(prompts)
     prompt_len = _round_up(max(len(p) for p in prompts), PROMPT_BUCKET)
@@ -225,16 +259,19 @@ def generate_ids(
     model = nnx.view(model, only=nnx.Dropout, deterministic=True, raise_if_not_found=False)
     graphdef, state = nnx.split(model)
     cache = model.init_cache(batch, prompt_len + steps_total)
+    ids_in, mask_in, positions_in = (jnp.asarray(a) for a in (input_ids, mask, positions))
+    if rows is not None:  # prompts and the cache split by rows
+        ids_in, mask_in, positions_in = (
+            jax.device_put(a, rows) for a in (ids_in, mask_in, positions_in)
+        )
+        cached = NamedSharding(rows.mesh, PartitionSpec(None, rows.spec[0]))  # [layers, batch, ...]
+        cache = cache.replace(
+            keys=tuple(jax.device_put(k, cached) for k in cache.keys),
+            values=tuple(jax.device_put(v, cached) for v in cache.values),
+            key_valid=jax.device_put(cache.key_valid, rows),
+        )
     stacks = stack_layers(graphdef, state)
-    logits, cache = prefill(
-        graphdef,
-        state,
-        stacks,
-        jnp.asarray(input_ids),
-        jnp.asarray(mask),
-        jnp.asarray(positions),
-        cache,
-    )
+    logits, cache = prefill(graphdef, state, stacks, ids_in, mask_in, positions_in, cache)
     next_positions = jnp.asarray(positions[:, -1] + 1)
     done = jnp.zeros((batch,), bool)
     key = jax.random.key(seed)
@@ -302,12 +339,15 @@ def generate(
     stop: Sequence[str] = (),
     chat: bool = False,
     chunk_size: int = 16,
+    mesh: Mesh | None = None,
+    rules: Rules | None = None,
 ) -> list[Generation]:
     """Generate a continuation for each prompt (greedy when ``temperature == 0``).
 
     With ``chat=True`` each prompt (a string, or a list of ``{"role", "content"}`` messages) goes
     through the tokenizer's chat template. Generation of a prompt ends at an EOS token, at the
     first of ``stop`` strings (excluded from the text), or after ``max_new_tokens`` tokens.
+    ``mesh`` / ``rules``: as in ``generate_ids`` (prompts and cache split by rows).
     """
     if tokenizer is None:
         raise ConfigError("generate needs a tokenizer; this checkpoint has none (use generate_ids)")
@@ -339,6 +379,8 @@ def generate(
         pad_token_id=pad,
         chunk_size=chunk_size,
         should_stop=should_stop if stop else None,
+        mesh=mesh,
+        rules=rules,
     )
     outputs = []
     for token_ids, reason in results:

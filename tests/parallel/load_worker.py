@@ -49,10 +49,12 @@ def single(directory: Path) -> dict:
         mesh = make_mesh(MeshConfig(*shape))
         model, read = _load(directory, mesh)
         kernel = model.layers[0].attn.q_proj.kernel[...]
+        rows_split = generate_ids(model, ids[:, :10].tolist(), max_new_tokens=8, mesh=mesh)
         out["x".join(map(str, shape))] = {
             "logit_diff": float(np.max(np.abs(np.asarray(model(ids)) - want))),
             "same_generation": generate_ids(model, ids[:, :10].tolist(), max_new_tokens=8)
             == want_tokens,
+            "same_generation_rows_split": rows_split == want_tokens,
             "bytes_read": read,
             "q_kernel_shard": list(kernel.sharding.shard_shape(kernel.shape)),
         }

@@ -1,5 +1,5 @@
 """Safetensors checkpoints load straight into shards: the same logits and generations as the
-unsharded load on three meshes, and no process reads more than its share of the tensor bytes
+unsharded load on three meshes (also with the prompts and the KV cache split by rows), and no process reads more than its share of the tensor bytes
 (counted by the reader)."""
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def test_sharded_load_equals_the_unsharded_load(checkpoint):
         r = result[mesh]
         assert r["logit_diff"] <= 1e-5, (mesh, r)
         assert r["same_generation"], mesh
+        assert r["same_generation_rows_split"], mesh  # prompts and KV cache split by rows
         # replicated shards are read once: each byte of the file exactly once
         assert r["bytes_read"] == result["file_bytes"], (mesh, r)
     # q_proj kernel [embed 64, heads 8, head_dim 8]: embed over fsdp, heads over tensor
