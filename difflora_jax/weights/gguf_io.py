@@ -7,6 +7,7 @@ permuted back to the half-split layout transformers (and this package) use.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,7 @@ def model_config_from_gguf(reader, path: Path) -> ModelConfig:
     freq_factors = None
     if "rope_freqs.weight" in tensor_names:
         tensor = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
-        freq_factors = tuple(float(x) for x in _dequantize(tensor, path).reshape(-1))
+        freq_factors = tuple(float(x) for x in _dequantize(tensor, path, tensor.data).reshape(-1))
     eos = meta.get("tokenizer.ggml.eos_token_id")
     try:
         config = ModelConfig(
@@ -132,11 +133,12 @@ def _float32_value(value) -> float:
     return float(str(np.float32(value)))
 
 
-def _dequantize(tensor, path: Path) -> np.ndarray:
+def _dequantize(tensor, path: Path, data) -> np.ndarray:
+    """``data`` (the tensor's rows, or some of them) dequantized to float32."""
     from gguf import dequantize
 
     try:
-        return np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        return np.asarray(dequantize(data, tensor.tensor_type), dtype=np.float32)
     except Exception as e:
         raise CheckpointError(
             f"{path}: cannot dequantize tensor {tensor.name!r} ({tensor.tensor_type.name}): {e} "
@@ -164,28 +166,83 @@ def hf_name(gguf_name: str) -> str | None:
     return None
 
 
+class GGUFCheckpoint(Mapping[str, np.ndarray]):
+    """The parameter tensors of a GGUF file by Hugging Face name, in HF layout, float32, read
+    lazily: a tensor is dequantized when it is asked for (``checkpoint[name]``), so loading
+    holds one dequantized tensor at a time; ``read_block`` dequantizes only a block's rows
+    (whole Q/K heads, to undo llama.cpp's rotary interleaving), what sharded loading asks for.
+    ``bytes_read`` counts the file bytes read."""
+
+    def __init__(self, reader, config: ModelConfig, path: Path):
+        self.config, self.path = config, path
+        self.bytes_read = 0
+        self._last: tuple[tuple[str, int, int], np.ndarray] | None = None  # last rows read
+        self._tensors = {}
+        for tensor in reader.tensors:
+            if tensor.name == "rope_freqs.weight":
+                continue  # folded into config.rope_freq_factors
+            name = hf_name(tensor.name)
+            if name is None:
+                raise CheckpointError(f"{path}: unexpected GGUF tensor {tensor.name!r}")
+            self._tensors[name] = tensor
+            heads = self._heads(name)
+            if heads is not None:
+                shape = self.shape_of(name)
+                rows = heads * config.head_dim
+                if len(shape) != 2 or shape[0] != rows:
+                    raise CheckpointError(
+                        f"{path}: tensor {tensor.name!r} has shape {shape}, expected "
+                        f"({rows}, {config.hidden_size})"
+                    )
+
+    def _heads(self, name: str) -> int | None:
+        if name.endswith("q_proj.weight"):
+            return self.config.num_heads
+        if name.endswith("k_proj.weight"):
+            return self.config.num_kv_heads
+        return None
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        """The HF shape (GGUF lists dimensions innermost first)."""
+        return tuple(int(n) for n in reversed(self._tensors[name].shape))
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        tensor = self._tensors[name]
+        weight = _dequantize(tensor, self.path, tensor.data)
+        self.bytes_read += int(tensor.data.nbytes)
+        heads = self._heads(name)
+        return weight if heads is None else _unpermute_rotary(weight, heads)
+
+    def read_block(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        tensor = self._tensors[name]
+        shape = self.shape_of(name)
+        r0, r1, _ = index[0].indices(shape[0])
+        heads = self._heads(name)
+        if heads is not None:  # whole heads: the rotary interleaving is within a head
+            d = shape[0] // heads
+            lo, hi = r0 // d * d, -(-r1 // d) * d
+        else:
+            lo, hi = r0, r1
+        if self._last is not None and self._last[0] == (name, lo, hi):
+            block = self._last[1]  # the same rows for another column block (FSDP)
+        else:
+            raw = tensor.data[lo:hi]
+            self.bytes_read += int(raw.nbytes)
+            block = _dequantize(tensor, self.path, raw).reshape(hi - lo, *shape[1:])
+            if heads is not None:
+                block = _unpermute_rotary(block, (hi - lo) // (shape[0] // heads))
+            self._last = ((name, lo, hi), block)
+        block = block[r0 - lo : r1 - lo]
+        return block if len(shape) == 1 else block[:, index[1]]
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
 def read_gguf_tensors(reader, config: ModelConfig, path: Path) -> dict[str, np.ndarray]:
     """Every parameter tensor as float32 numpy, keyed by Hugging Face name, HF layout."""
-    tensors = {}
-    for tensor in reader.tensors:
-        if tensor.name == "rope_freqs.weight":
-            continue  # folded into config.rope_freq_factors
-        name = hf_name(tensor.name)
-        if name is None:
-            raise CheckpointError(f"{path}: unexpected GGUF tensor {tensor.name!r}")
-        weight = _dequantize(tensor, path)
-        expected_rows = None
-        if name.endswith("q_proj.weight"):
-            expected_rows = config.num_heads * config.head_dim
-        elif name.endswith("k_proj.weight"):
-            expected_rows = config.num_kv_heads * config.head_dim
-        if expected_rows is not None:
-            if weight.ndim != 2 or weight.shape[0] != expected_rows:
-                raise CheckpointError(
-                    f"{path}: tensor {tensor.name!r} has shape {weight.shape}, expected "
-                    f"({expected_rows}, {config.hidden_size})"
-                )
-            heads = config.num_heads if name.endswith("q_proj.weight") else config.num_kv_heads
-            weight = _unpermute_rotary(weight, heads)
-        tensors[name] = weight
-    return tensors
+    checkpoint = GGUFCheckpoint(reader, config, path)
+    return {name: checkpoint[name] for name in checkpoint}

@@ -24,7 +24,7 @@ from difflora_jax.modeling.llama import LlamaForCausalLM
 from difflora_jax.parallel import DEFAULT_RULES, Rules
 from difflora_jax.parallel.shard import shard_model
 from difflora_jax.protocols import Tokenizer
-from difflora_jax.weights.gguf_io import model_config_from_gguf, open_gguf, read_gguf_tensors
+from difflora_jax.weights.gguf_io import GGUFCheckpoint, model_config_from_gguf, open_gguf
 from difflora_jax.weights.hf_config import read_hf_config
 from difflora_jax.weights.layout import hf_layout
 from difflora_jax.weights.safetensors_io import SafetensorsCheckpoint
@@ -140,8 +140,8 @@ def build_model(
         )
     )
     if mesh is not None:
-        if not isinstance(tensors, SafetensorsCheckpoint):
-            raise ValueError("sharded loading reads safetensors checkpoints")
+        if not isinstance(tensors, SafetensorsCheckpoint | GGUFCheckpoint):
+            raise ValueError("sharded loading reads safetensors or GGUF checkpoints")
         fill_sharded(model, layout, tensors, mesh, rules or DEFAULT_RULES, param_dtype, source)
         return model
     for path, variable in nnx.to_flat_state(nnx.state(model)):
@@ -193,22 +193,23 @@ def load_model(
     adapters are added; or an adapter checkpoint directory: its adapters are restored after
     checking that they belong to this base model.
 
-    ``mesh`` / ``rules`` (``parallel``): place the weights on the mesh. Safetensors tensors are
-    read shard by shard (no host holds a whole tensor it does not keep); GGUF tensors are
-    dequantized whole, one at a time, then placed. Adapters follow the same rules.
+    ``mesh`` / ``rules`` (``parallel``): place the weights on the mesh, each shard read on its
+    own (``weights/sharded.py``): safetensors blocks exactly; GGUF blocks by whole quantized rows
+    (and whole heads for Q and K), cut to the shard's columns after dequantizing. Adapters
+    follow the same rules.
     """
     _dtype(dtype)
     path = resolve_source(source)
     if path.suffix == ".gguf":
         reader = open_gguf(path)
         config = model_config_from_gguf(reader, path)
-        tensors = read_gguf_tensors(reader, config, path)
+        tensors = GGUFCheckpoint(reader, config, path)  # dequantized one tensor at a time
         tokenizer = tokenizer_from_gguf(reader, path) if with_tokenizer else None
     else:
         config = read_hf_config(path)
         tensors = SafetensorsCheckpoint(path)
         tokenizer = tokenizer_from_directory(path) if with_tokenizer else None
-    sharded = mesh is not None and isinstance(tensors, SafetensorsCheckpoint)
+    sharded = mesh is not None
     model = build_model(
         config,
         tensors,

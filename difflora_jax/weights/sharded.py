@@ -1,4 +1,4 @@
-"""Loading a safetensors checkpoint straight into shards on a mesh.
+"""Loading a checkpoint (safetensors or GGUF) straight into shards on a mesh.
 
 Each device's shard of each parameter is read from the file on its own
 (``safe_open(...).get_slice``), through ``jax.make_array_from_callback``, so no process ever
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,14 @@ from jax.sharding import Mesh
 from difflora_jax.errors import CheckpointError
 from difflora_jax.parallel import Rules, sharding_of
 from difflora_jax.weights.layout import TensorMap
-from difflora_jax.weights.safetensors_io import SafetensorsCheckpoint
+
+
+class BlockReader(Protocol):
+    """A checkpoint that reads blocks of tensors (safetensors, GGUF)."""
+
+    def shape_of(self, name: str) -> tuple[int, ...]: ...
+
+    def read_block(self, name: str, index: tuple[slice, ...]) -> np.ndarray: ...
 
 
 def _bounds(index: tuple, shape: Sequence[int]) -> list[tuple[int, int]]:
@@ -53,9 +61,7 @@ def _flat_range(dims: Sequence[int], bounds: Sequence[tuple[int, int]]) -> tuple
     return lo, hi, True
 
 
-def read_shard(
-    checkpoint: SafetensorsCheckpoint, entry: TensorMap, index: tuple, dtype
-) -> np.ndarray:
+def read_shard(checkpoint: BlockReader, entry: TensorMap, index: tuple, dtype) -> np.ndarray:
     """Our parameter ``entry``'s block ``index``, read from the HF tensor and laid out as ours."""
     bounds = _bounds(index, entry.shape)
     if entry.n_in == 0:
@@ -78,7 +84,7 @@ def read_shard(
 def fill_sharded(
     model: nnx.Module,
     layout: dict[str, TensorMap],
-    checkpoint: SafetensorsCheckpoint,
+    checkpoint: BlockReader,
     mesh: Mesh,
     rules: Rules,
     dtype,

@@ -16,6 +16,7 @@ import numpy as np
 
 from difflora_jax.generation import generate_ids
 from difflora_jax.parallel import DEFAULT_RULES, MeshConfig, initialize_distributed, make_mesh
+from difflora_jax.weights.gguf_io import model_config_from_gguf as build_config
 from difflora_jax.weights.hf_config import read_hf_config
 from difflora_jax.weights.layout import hf_layout
 from difflora_jax.weights.loading import build_model
@@ -61,6 +62,31 @@ def single(directory: Path) -> dict:
     return out
 
 
+def gguf() -> dict:
+    """The real SmolLM2 GGUF, sharded (fsdp=8; tensor=3, splitting its 3 KV heads) against the
+    unsharded load; file bytes read against the file's tensor bytes."""
+    from difflora_jax.weights.gguf_io import GGUFCheckpoint, open_gguf
+    from difflora_jax.weights.loading import resolve_source
+
+    path = resolve_source("smollm2-135m-instruct")
+    reader = open_gguf(path)
+    config = build_config(reader, path)
+    ids = np.asarray([[1, 504, 3575, 282, 4649, 314]], np.int32)
+    reference = build_model(config, GGUFCheckpoint(reader, config, path))
+    want = np.asarray(reference(ids))
+    tensor_bytes = sum(int(t.data.nbytes) for t in reader.tensors if t.name != "rope_freqs.weight")
+    out: dict = {"tensor_bytes": tensor_bytes, "logit_scale": float(np.abs(want).max())}
+    for shape, count in (((1, 8, 1), 8), ((1, 1, 3), 3)):
+        checkpoint = GGUFCheckpoint(reader, config, path)
+        mesh = make_mesh(MeshConfig(*shape), devices=jax.devices()[:count])
+        model = build_model(config, checkpoint, mesh=mesh, rules=DEFAULT_RULES)
+        out["x".join(map(str, shape))] = {
+            "logit_diff": float(np.abs(np.asarray(model(ids)) - want).max()),
+            "bytes_read": checkpoint.bytes_read,
+        }
+    return out
+
+
 def multi(directory: Path, address: str, process_id: int) -> dict:
     initialize_distributed(address, 2, process_id, local_device_count=4)
     mesh = make_mesh(MeshConfig(data=1, fsdp=8, tensor=1))
@@ -80,6 +106,9 @@ if __name__ == "__main__":
     if mode == "single":
         jax.config.update("jax_num_cpu_devices", 8)
         result = single(directory)
+    elif mode == "gguf":
+        jax.config.update("jax_num_cpu_devices", 8)
+        result = gguf()
     else:
         result = multi(directory, sys.argv[3], int(sys.argv[4]))
     print("RESULT " + json.dumps(result))

@@ -1,4 +1,4 @@
-"""Safetensors checkpoints load straight into shards: the same logits and generations as the
+"""Safetensors and GGUF checkpoints load straight into shards: the same logits and generations as the
 unsharded load on three meshes (also with the prompts and the KV cache split by rows), and no process reads more than its share of the tensor bytes
 (counted by the reader)."""
 
@@ -73,3 +73,15 @@ def test_two_processes_each_read_only_their_share(checkpoint):
         # half of every matrix (fsdp=8 over 2 x 4 devices) plus the replicated norm scales
         assert r["bytes_read"] == r["share"] < 0.6 * r["file_bytes"], r
         assert r["q_kernel_shard"] == [8, 8, 8]
+
+
+def test_gguf_loads_into_shards():
+    """SmolLM2-135M-Instruct's GGUF (Q4_1 / Q8_0 blocks): sharded over fsdp=8 (columns) and
+    tensor=3 (rows, whole Q/K heads) it gives the unsharded logits, and each quantized row is
+    read once (blocks for other columns reuse the dequantized rows)."""
+    result = _result(_worker("gguf", "-"))
+    for mesh in ("1x8x1", "1x1x3"):
+        r = result[mesh]
+        # float32 sums in another order over 30 layers: 1e-5 of the largest logit
+        assert r["logit_diff"] <= 1e-5 * result["logit_scale"] + 1e-4, (mesh, r)
+        assert r["bytes_read"] == result["tensor_bytes"], (mesh, r)
