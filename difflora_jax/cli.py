@@ -263,7 +263,7 @@ def _add_eval_parser(commands) -> None:
         "--task",
         required=True,
         help="comma-separated: nih-single, nih-mk2, nih-mk3, nih-mv, icl, rag, humaneval, "
-        "attention-mass",
+        "attention-mass, perplexity",
     )
     p.add_argument("--lengths", type=_int_list, default=[1024], help="prompt tokens: 1024,2048")
     p.add_argument("--shots", type=_int_list, default=[4, 16, 64], help="icl demonstrations")

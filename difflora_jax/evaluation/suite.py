@@ -3,7 +3,7 @@ files ``difflora eval`` writes (``results.json`` with every item, ``table.md``).
 
 Tasks: ``nih-single``, ``nih-mk2``, ``nih-mk3``, ``nih-mv`` (generated, over ``lengths``; or a
 RULER-style JSONL via ``data``), ``icl`` (over ``shots``), ``rag`` (over ``distractors``),
-``attention-mass`` (over ``lengths``) and ``humaneval`` (the packaged problems, executed in the
+``attention-mass`` (over ``lengths``), ``perplexity`` (held-out text) and ``humaneval`` (the packaged problems, executed in the
 sandbox of ``evaluation.humaneval``). Every task also reports generation health (distinct-n,
 longest repeated n-gram) of its outputs.
 """
@@ -11,6 +11,7 @@ longest repeated n-gram) of its outputs.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections import defaultdict
@@ -27,12 +28,13 @@ from difflora_jax.evaluation.icl import icl_score, load_icl_jsonl, make_icl, mak
 from difflora_jax.evaluation.metrics import contains_all, generation_health
 from difflora_jax.evaluation.nih import TASKS as NIH_TASKS
 from difflora_jax.evaluation.nih import NIHItem, load_nih_jsonl, make_nih_set
+from difflora_jax.evaluation.perplexity import evaluate_perplexity, load_documents
 from difflora_jax.evaluation.rag import load_rag_jsonl, make_rag
 from difflora_jax.generation import generate
 from difflora_jax.modeling.llama import LlamaForCausalLM
 from difflora_jax.protocols import Tokenizer
 
-EVAL_TASKS = (*NIH_TASKS, "icl", "rag", "humaneval", "attention-mass")
+EVAL_TASKS = (*NIH_TASKS, "icl", "rag", "humaneval", "attention-mass", "perplexity")
 
 
 def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
@@ -172,6 +174,11 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         groups[(r["task"], r.get("length", 0))].append(r)
     rows = []
     for (task, length), group in sorted(groups.items()):
+        if task == "perplexity":  # token-weighted: exp(total NLL / total tokens)
+            tokens = sum(r["tokens"] for r in group)
+            score = math.exp(sum(r["nll"] for r in group) / max(tokens, 1))
+            rows.append({"task": task, "length": length, "n": len(group), "score": score})
+            continue
         rows.append(
             {
                 "task": task,
@@ -276,6 +283,8 @@ def run_task(
             score=lambda out, item: contains_all(out, item.answers), batch_size=batch_size,
             max_new_tokens=max_new_tokens or 16, progress=progress,
         )  # fmt: skip
+    if task == "perplexity":
+        return evaluate_perplexity(model, tokenizer, load_documents(data, num, seed))
     if task == "attention-mass":
         return [
             {
