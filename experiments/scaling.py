@@ -121,7 +121,8 @@ def main() -> None:
         "`tests/parallel/mesh_worker.py`: a tiny Llama (3 layers, 8 heads, 4 KV heads), 3 train "
         "steps of batch 8 x 32 on 8 CPU devices per mesh (data x fsdp x tensor) against one "
         "device (1x1x1): losses, and the largest difference of any loss and of any adapter "
-        "gradient entry from the one-device run.",
+        "gradient entry from the one-device run. The `-accum2` rows accumulate two "
+        "micro-batches and are compared with one device accumulating them (`1x1x1-accum2`).",
         "",
         "| method | mesh | losses (steps 1-3) | max loss diff | max gradient diff |",
         "|---|---|---|---:|---:|",
