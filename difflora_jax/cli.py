@@ -323,12 +323,11 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _add_lm_eval_parser(commands) -> None:
-    p = commands.add_parser(
+    # listed in --help only: main() hands `difflora lm-eval ARGS` to lm-eval before argparse
+    commands.add_parser(
         "lm-eval",
         help="lm-evaluation-harness with the difflora_jax model registered (--model difflora_jax)",
-        add_help=False,
     )
-    p.add_argument("harness_args", nargs=argparse.REMAINDER, help="lm_eval's own arguments")
 
 
 def _lm_eval(harness_args: Sequence[str]) -> None:

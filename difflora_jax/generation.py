@@ -8,7 +8,6 @@ between chunks the host checks EOS and stop strings, so a finished batch stops e
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -23,7 +22,7 @@ from difflora_jax.jit import jit_donating
 from difflora_jax.modeling.attention import KVCache
 from difflora_jax.modeling.llama import LlamaForCausalLM, default_positions
 from difflora_jax.parallel import DEFAULT_RULES, Rules, use_mesh
-from difflora_jax.parallel.shard import batch_sharding
+from difflora_jax.parallel.shard import batch_sharding, batch_split
 from difflora_jax.protocols import Tokenizer
 
 PROMPT_BUCKET = 16
@@ -221,8 +220,7 @@ def generate_ids(
     if mesh is not None:
         rules = DEFAULT_RULES if rules is None else rules
         rows = batch_sharding(mesh, rules)
-        split = math.prod(rows.mesh.shape[a] for a in _axes(rows.spec[0]))
-        if len(prompts) % split == 0:
+        if len(prompts) % batch_split(mesh, rules)[1] == 0:
             with use_mesh(mesh, rules):
                 return _generate_ids(
                     model, prompts, max_new_tokens, temperature, top_p, seed, eos_token_ids,
@@ -232,10 +230,6 @@ def generate_ids(
         model, prompts, max_new_tokens, temperature, top_p, seed, eos_token_ids, pad_token_id,
         chunk_size, should_stop, None,
     )  # fmt: skip
-
-
-def _axes(entry) -> tuple[str, ...]:
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def _generate_ids(

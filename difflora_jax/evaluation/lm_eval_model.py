@@ -36,18 +36,12 @@ _BUCKET = 64  # sequences are right-padded to a multiple of this (fewer compilat
 
 
 @nnx.jit
-def _log_probs(model: LlamaForCausalLM, ids: Any, mask: Any) -> jax.Array:
-    """log p(ids[:, t + 1] | ids[:, :t + 1]) ``[batch, length - 1]`` (float32)."""
-    logits = model(ids, mask)
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-
-
-@nnx.jit
-def _greedy(model: LlamaForCausalLM, ids: Any, mask: Any) -> jax.Array:
-    """Whether each next token is the argmax ``[batch, length - 1]``."""
-    logits = model(ids, mask)
-    return jnp.argmax(logits[:, :-1], axis=-1) == ids[:, 1:]
+def _next_token_scores(model: LlamaForCausalLM, ids: Any, mask: Any) -> tuple[jax.Array, jax.Array]:
+    """``(log p(ids[:, t + 1] | ids[:, :t + 1]), whether that token is the argmax)``, each
+    ``[batch, length - 1]``, from one forward pass."""
+    logits = model(ids, mask)[:, :-1].astype(jnp.float32)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), ids[:, 1:, None], axis=-1)
+    return logp[..., 0], jnp.argmax(logits, axis=-1) == ids[:, 1:]
 
 
 @register_model("difflora_jax")
@@ -87,8 +81,7 @@ class DiffLoRALM(LM):
             mask = np.zeros((len(seqs), length), np.int32)
             for i, s in enumerate(seqs):
                 ids[i, : len(s)], mask[i, : len(s)] = s, 1
-            logp = np.asarray(_log_probs(self.model, ids, mask))
-            greedy = np.asarray(_greedy(self.model, ids, mask))
+            logp, greedy = (np.asarray(a) for a in _next_token_scores(self.model, ids, mask))
             for i, (s, (_, cont)) in enumerate(zip(seqs, chunk)):
                 span = slice(len(s) - 1 - len(cont), len(s) - 1)  # positions predicting cont
                 out.append((float(logp[i, span].sum()), bool(greedy[i, span].all())))

@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,37 +50,28 @@ def evaluate_nih(
     max_new_tokens: int = 32,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Greedy answers to ``items`` (chat template), each scored by the fraction of its gold
-    values found in the output. Items of one length are batched together."""
-    records = []
-    by_length: dict[int, list[NIHItem]] = defaultdict(list)
-    for item in items:
-        by_length[item.length].append(item)
-    bar = tqdm(total=len(items), desc="needles", disable=not progress, dynamic_ncols=True)
-    for length in sorted(by_length):
-        for chunk in _batches(by_length[length], batch_size):
-            outputs = generate(
-                model,
-                tokenizer,
-                [item.messages() if item.question else item.context for item in chunk],
-                chat=bool(chunk[0].question),
-                max_new_tokens=max_new_tokens,
-            )
-            for item, out in zip(chunk, outputs):
-                records.append(
-                    {
-                        "task": item.task,
-                        "length": item.length,
-                        "seed": item.seed,
-                        "answers": list(item.answers),
-                        "output": out.text,
-                        "score": contains_all(out.text, item.answers),
-                        "depths": [round(n.depth, 3) for n in item.needles],
-                    }
-                )
-            bar.update(len(chunk))
-    bar.close()
-    return records
+    """Greedy answers to ``items`` (chat template; a RULER row without a separate question is
+    sent as plain text), each scored by the fraction of its gold values found in the output.
+    Items are batched in order of length."""
+    items = sorted(items, key=lambda item: item.length)
+    chat = bool(items and items[0].question)
+    return _generate_scored(
+        model,
+        tokenizer,
+        items[0].task if items else "nih",
+        items,
+        sweep="length",
+        prompt=(lambda item: item.messages()) if chat else (lambda item: item.context),
+        chat=chat,
+        score=lambda out, item: contains_all(out, item.answers),
+        extra=lambda item: {
+            "answers": list(item.answers),
+            "depths": [round(n.depth, 3) for n in item.needles],
+        },
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        progress=progress,
+    )
 
 
 # Where a HumanEval completion ends: the next top-level statement (the standard stop set).
@@ -215,17 +206,22 @@ def _generate_scored(
     *,
     sweep: str,
     chat: bool,
-    score,
+    score: Callable[[str, Any], float],
     batch_size: int,
     max_new_tokens: int,
     progress: bool,
+    prompt: Callable[[Any], Any] | None = None,
+    extra: Callable[[Any], dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Greedy outputs of ``items`` (their ``prompt`` or ``messages()``) scored by ``score``
-    (output, item); ``length`` records the sweep value ``getattr(item, sweep)``."""
+    """Greedy outputs of ``items`` scored by ``score(output, item)``. The prompt of an item is
+    ``prompt(item)``, by default its ``messages()`` (``chat``) or its ``prompt``; ``length``
+    records the sweep value ``getattr(item, sweep)``; ``extra(item)`` adds fields."""
+    if prompt is None:
+        prompt = (lambda item: item.messages()) if chat else (lambda item: item.prompt)
     records = []
     bar = tqdm(total=len(items), desc=task, disable=not progress, dynamic_ncols=True)
     for chunk in _batches(items, batch_size):
-        prompts = [item.messages() if chat else item.prompt for item in chunk]
+        prompts = [prompt(item) for item in chunk]
         outputs = generate(model, tokenizer, prompts, chat=chat, max_new_tokens=max_new_tokens)
         for item, out in zip(chunk, outputs):
             records.append(
@@ -235,6 +231,7 @@ def _generate_scored(
                     "seed": item.seed,
                     "output": out.text,
                     "score": score(out.text, item),
+                    **(extra(item) if extra else {}),
                 }
             )
         bar.update(len(chunk))

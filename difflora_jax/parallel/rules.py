@@ -38,7 +38,8 @@ DEFAULT_RULES: dict[str, RuleValue] = {
 }
 
 
-def _as_axes(value: RuleValue) -> tuple[str, ...]:
+def mesh_axes_of(value: RuleValue) -> tuple[str, ...]:
+    """A rule's value (or a ``PartitionSpec`` entry) as a tuple of mesh axes."""
     if value is None:
         return ()
     return (value,) if isinstance(value, str) else tuple(value)
@@ -51,7 +52,7 @@ def make_rules(overrides: Mapping[str, Any] | None = None) -> dict[str, RuleValu
     for name, value in (overrides or {}).items():
         if isinstance(value, list):
             value = tuple(value)
-        axes = _as_axes(value) if isinstance(value, str | tuple | type(None)) else None
+        axes = mesh_axes_of(value) if isinstance(value, str | tuple | type(None)) else None
         if axes is None or any(a not in MESH_AXES for a in axes) or len(set(axes)) != len(axes):
             raise ConfigError(
                 f"sharding rule {name!r}: {value!r} is invalid: must be null, one of "
@@ -67,7 +68,9 @@ def logical_spec(axes: Sequence[str | None], rules: Rules) -> PartitionSpec:
     used: set[str] = set()
     spec = []
     for name in axes:
-        mesh_axes = tuple(a for a in _as_axes(rules.get(name) if name else None) if a not in used)
+        mesh_axes = tuple(
+            a for a in mesh_axes_of(rules.get(name) if name else None) if a not in used
+        )
         used.update(mesh_axes)
         spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
     return PartitionSpec(*spec)
@@ -75,7 +78,7 @@ def logical_spec(axes: Sequence[str | None], rules: Rules) -> PartitionSpec:
 
 def _check_divides(shape, spec: PartitionSpec, mesh: Mesh, axes, what: str) -> None:
     for dim, (size, entry, name) in enumerate(zip(shape, spec, axes)):
-        mesh_axes = _as_axes(entry)
+        mesh_axes = mesh_axes_of(entry)
         devices = math.prod(mesh.shape[a] for a in mesh_axes)
         if size % devices:
             raise ConfigError(
@@ -126,12 +129,6 @@ def use_mesh(mesh: Mesh, rules: Rules | None = None) -> Iterator[Mesh]:
             yield mesh
     finally:
         _CURRENT.reset(token)
-
-
-def current() -> tuple[Mesh, Rules] | None:
-    """The ``(mesh, rules)`` made current by :func:`use_mesh`, or None."""
-    state = _CURRENT.get()
-    return None if state is None else (state.mesh, state.rules)
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None], what: str = "activation") -> jax.Array:

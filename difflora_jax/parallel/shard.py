@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,7 +12,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from difflora_jax.parallel.rules import Rules, logical_spec, sharding_of
+from difflora_jax.parallel.rules import Rules, logical_spec, mesh_axes_of, sharding_of
 
 
 def _path_name(path: tuple) -> str:
@@ -72,6 +73,12 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
     return NamedSharding(mesh, logical_spec(("batch", "length"), rules))
 
 
+def batch_split(mesh: Mesh, rules: Rules) -> tuple[tuple[str, ...], int]:
+    """The mesh axes the batch rows are split over, and how many devices that is."""
+    axes = mesh_axes_of(logical_spec(("batch",), rules)[0])
+    return axes, math.prod(mesh.shape[a] for a in axes)
+
+
 def local_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> slice:
     """The rows of a ``[batch, ...]`` array this process holds under ``sharding`` (one
     contiguous range: what it feeds ``jax.make_array_from_process_local_data``)."""
@@ -91,12 +98,12 @@ def global_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> di
     """The global batch on the mesh from the host batch of global rows (every process iterates
     the same data order): each process passes only the rows its devices hold (``local_rows``)
     to ``jax.make_array_from_process_local_data``."""
-    out = {}
-    for key, value in batch.items():
-        value = np.asarray(value)
-        local = value[local_rows(sharding, value.shape)]
-        out[key] = jax.make_array_from_process_local_data(sharding, local, value.shape)
-    return out
+    arrays = {key: np.asarray(value) for key, value in batch.items()}
+    rows = local_rows(sharding, next(iter(arrays.values())).shape)
+    return {
+        key: jax.make_array_from_process_local_data(sharding, value[rows], value.shape)
+        for key, value in arrays.items()
+    }
 
 
 def init_optimizer(tx: optax.GradientTransformation, params: Any, mesh: Mesh) -> Any:

@@ -18,7 +18,6 @@ checkpoint).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import shutil
 import sys
@@ -45,8 +44,8 @@ from difflora_jax.errors import CheckpointError, ConfigError, DiffLoRAError
 from difflora_jax.losses import BATCH_KEYS
 from difflora_jax.modeling.adapters import apply_adapters, lambda_layers, write_back
 from difflora_jax.modeling.llama import LlamaForCausalLM
-from difflora_jax.parallel import Rules, is_main_process, logical_spec, make_mesh, make_rules
-from difflora_jax.parallel.shard import global_batch, init_optimizer, shard_model
+from difflora_jax.parallel import Rules, is_main_process, make_mesh, make_rules
+from difflora_jax.parallel.shard import batch_split, global_batch, init_optimizer, shard_model
 from difflora_jax.protocols import Tokenizer
 from difflora_jax.training.batches import build_batches
 from difflora_jax.training.config import (
@@ -267,9 +266,7 @@ def _prepare(
 
 def _check_batch_divides(config: TrainConfig, mesh: Mesh, rules: Rules) -> None:
     """The global batch (and each micro-batch) must split evenly over the batch's mesh axes."""
-    axes = logical_spec(("batch",), rules)[0]
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    devices = math.prod(mesh.shape[a] for a in axes)
+    axes, devices = batch_split(mesh, rules)
     micro = config.batch_size // config.grad_accum_steps
     if micro % devices:
         raise ConfigError(

@@ -32,16 +32,22 @@ from flax import nnx
 from difflora_jax.catalog import load_method, model_shape
 from difflora_jax.config import AdapterConfig, ModelConfig
 from difflora_jax.errors import ConfigError
+from difflora_jax.losses import BATCH_KEYS
 from difflora_jax.modeling.adapters import AdapterParam, apply_adapters, count_adapter_params
 from difflora_jax.modeling.flops import train_step_flops
 from difflora_jax.modeling.llama import LlamaForCausalLM
 from difflora_jax.parallel import MeshConfig, make_mesh, make_rules
-from difflora_jax.parallel.shard import batch_sharding, optimizer_shardings, state_shardings
+from difflora_jax.parallel.shard import (
+    batch_sharding,
+    optimizer_shardings,
+    shardings_of,
+    state_shardings,
+)
 from difflora_jax.training.config import OptimizerConfig
 from difflora_jax.training.optimizer import make_optimizer
 from difflora_jax.training.step import ShardedStep, split_for_training
+from difflora_jax.weights.loading import DTYPES
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
 _UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
 
@@ -114,9 +120,7 @@ def plan(
     opt_abstract = jax.eval_shape(tx.init, params)
     opt_state = _with_shardings(
         opt_abstract,
-        optimizer_shardings(
-            tx, opt_abstract, jax.tree.map(lambda x: x.sharding, params), device_mesh
-        ),
+        optimizer_shardings(tx, opt_abstract, shardings_of(params), device_mesh),
     )
     step = ShardedStep(
         graphdef,
@@ -131,9 +135,7 @@ def plan(
     )
     rows = batch_sharding(device_mesh, rules)
     tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=rows)
-    batch_arrays = dict.fromkeys(
-        ("input_ids", "targets", "loss_mask", "segment_ids", "positions"), tokens
-    )
+    batch_arrays = dict.fromkeys(BATCH_KEYS, tokens)
     compiled = step.lower(params, opt_state, rng, rest, batch_arrays).compile()
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()

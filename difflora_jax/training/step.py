@@ -106,7 +106,7 @@ def _train_step(graphdef, optimizer, grad_accum_steps, params, opt_state, rng, r
     )
     # The barrier keeps XLA from fusing the optimizer's per-array updates into the backward
     # pass's unstacking of the scanned layers' gradients: the same numbers, and the SmolLM2
-    # LoRA step compiles in 16 s instead of 23 s (2-core CPU).
+    # LoRA step (4 x 512) compiles in 17.6 s instead of 24.5 s (2-core CPU).
     grads = jax.lax.optimization_barrier(grads)
     grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = tx.update(grads, opt_state, params)

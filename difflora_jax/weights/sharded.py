@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -116,5 +115,4 @@ def fill_sharded(
                 blocks[cache_key] = block
             return blocks[cache_key]
 
-        value = jax.make_array_from_callback(entry.shape, sharding, callback)
-        variable.set_value(value.astype(jnp.dtype(dtype)) if value.dtype != dtype else value)
+        variable.set_value(jax.make_array_from_callback(entry.shape, sharding, callback))
