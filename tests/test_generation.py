@@ -116,3 +116,23 @@ def test_bad_generation_arguments(model, kwargs, message):
 def test_empty_prompt_is_refused(model):
     with pytest.raises(ConfigError, match="at least one token"):
         generate_ids(model, [[]], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("method", ["lora-r8", "difflora-32"])
+def test_generation_with_dropout_adapters_equals_dropout_free_copy(model, method):
+    """Fresh adapters with dropout (as a method YAML sets them) generate: dropout is off, and
+    the RNG streams are left alone, so the tokens equal those of the same adapters with dropout
+    0 (a regression: the decode scan once tried to write unchanged RNG streams back)."""
+    import dataclasses
+
+    from difflora_jax.catalog import load_method
+    from difflora_jax.modeling.adapters import adapter_arrays, apply_adapters, write_back
+
+    adapter = load_method(method)
+    assert adapter.dropout > 0
+    with_dropout = apply_adapters(nnx.clone(model), adapter)
+    without = apply_adapters(nnx.clone(model), dataclasses.replace(adapter, dropout=0.0))
+    write_back(without, adapter_arrays(with_dropout))
+    got = generate_ids(with_dropout, PROMPTS, max_new_tokens=5)
+    assert got == generate_ids(without, PROMPTS, max_new_tokens=5)
+    assert all(len(tokens) == 5 for tokens, _ in got)

@@ -384,6 +384,13 @@ class LlamaForCausalLM(nnx.Module):
         layers = [self.layers[i] for i in range(start, stop)]
         graphdef = nnx.graphdef(layers[0])
         cos, sin = rope
+        # Only an active dropout advances an RNG stream. Writing unchanged streams back would
+        # also be wrong inside an outer transform (generation's decode scan): a Variable may
+        # not be set from another trace level.
+        dropout = any(
+            isinstance(node, nnx.Dropout) and not node.deterministic
+            for _, node in nnx.iter_graph(layers[0])
+        )
 
         def body(carry, xs):
             x, keys, values = carry
@@ -395,7 +402,7 @@ class LlamaForCausalLM(nnx.Module):
             if layer_cache is not None:
                 assert keys is not None and values is not None  # a cache in, a cache out
                 keys, values = keys.at[j].set(layer_cache[0]), values.at[j].set(layer_cache[1])
-            return (x, keys, values), nnx.state(layer, nnx.RngState)
+            return (x, keys, values), nnx.state(layer, nnx.RngState) if dropout else None
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=REMAT[self.remat], prevent_cse=len(layers) == 1)
@@ -409,8 +416,9 @@ class LlamaForCausalLM(nnx.Module):
                 stack = self._stack_run(start, stop)
             carry, rng = jax.lax.scan(body, carry, (stack, jnp.arange(len(layers))))
             rngs = [jax.tree.map(lambda a, j=j: a[j], rng) for j in range(len(layers))]
-        for layer, layer_rng in zip(layers, rngs):
-            nnx.update(layer, layer_rng)  # the dropout streams advanced inside
+        if dropout:
+            for layer, layer_rng in zip(layers, rngs):
+                nnx.update(layer, layer_rng)  # the dropout streams advanced inside
         x, keys, values = carry
         return x, None if cache is None else (keys, values)
 
