@@ -174,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_parser(commands)
     _add_eval_parser(commands)
     _add_lm_eval_parser(commands)
+    _add_reproduce_parser(commands)
     return parser
 
 
@@ -320,6 +321,54 @@ def _eval(args: argparse.Namespace) -> None:
         print(suite.markdown_table(rows))
     if attention:
         print(suite.attention_table(attention))
+
+
+def _add_reproduce_parser(commands) -> None:
+    p = commands.add_parser(
+        "reproduce",
+        help="one of the paper's tables or figures (or all): train the variants, evaluate, plot",
+    )
+    p.add_argument(
+        "artifact",
+        choices=["table2", "fig1", "fig2", "fig3", "table1", "table3", "fig4", "all"],
+        help="table2: hyperparameters and parameter counts; fig1: general abilities; fig2: "
+        "many-shot ICL; fig3: needle-in-a-haystack; table1/table3: RAG; fig4: attention mass",
+    )
+    p.add_argument("--preset", required=True, help="cpu-small, paper, or a preset YAML file")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a preset field: train.max_steps=100, eval.nih_lengths=[1024,2048]",
+    )
+    p.add_argument(
+        "--out",
+        help="the reproduction directory (default runs/reproduce-<preset>); checkpoints and "
+        "scores already there are reused",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="every step at toy size: a tiny random model of the preset's architecture",
+    )
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _reproduce(args: argparse.Namespace) -> None:
+    from difflora_jax.reproduce import load_preset, reproduce  # start-up time (docstring)
+
+    preset = load_preset(args.preset, args.overrides)
+    default = f"runs/reproduce-{preset.name}{'-dry-run' if args.dry_run else ''}"
+    reproduce(
+        args.artifact,
+        preset,
+        Path(args.out or default),
+        dry_run=args.dry_run,
+        command="difflora " + " ".join(args.argv),
+        progress=not args.no_progress,
+    )
 
 
 def _add_lm_eval_parser(commands) -> None:
@@ -534,6 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "bench": _bench,
         "plan": _plan,
         "eval": _eval,
+        "reproduce": _reproduce,
     }
     try:
         run[args.command](args)

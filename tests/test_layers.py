@@ -30,6 +30,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # side by side: evaluation never trains, training never evaluates
     ("difflora_jax.training", "difflora_jax.evaluation"),
     ("difflora_jax.bench",),  # times training and generation
+    ("difflora_jax.reproduce",),  # the paper's artifacts: trains and evaluates
     ("difflora_jax.cli", "difflora_jax"),
 )
 # Local imports allowed only here (start-up time of `import difflora_jax` and `difflora`).

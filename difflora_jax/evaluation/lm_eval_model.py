@@ -48,15 +48,21 @@ def _next_token_scores(model: LlamaForCausalLM, ids: Any, mask: Any) -> tuple[ja
 class DiffLoRALM(LM):
     def __init__(
         self,
-        model: str,
+        model: str | LlamaForCausalLM,
         adapter: str | None = None,
         dtype: str = "float32",
         batch_size: int | str = 8,
         max_length: int | None = None,
+        tokenizer: Any = None,
         **_: Any,  # the harness also passes device, max_batch_size, ...
     ):
+        """``model``: a source for ``load_model`` (with ``adapter`` and ``dtype``), or a model
+        already in memory with its ``tokenizer`` (``difflora reproduce``)."""
         super().__init__()
-        self.model, tokenizer = load_model(model, dtype=dtype, adapter=adapter)
+        if isinstance(model, LlamaForCausalLM):
+            self.model = model
+        else:
+            self.model, tokenizer = load_model(model, dtype=dtype, adapter=adapter)
         if tokenizer is None:
             raise ConfigError(f"{model} has no tokenizer; lm-eval needs one")
         self.tokenizer = tokenizer
