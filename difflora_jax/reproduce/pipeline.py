@@ -23,7 +23,8 @@ from flax import nnx
 
 from difflora_jax.config import from_dict, to_dict
 from difflora_jax.modeling.llama import LlamaForCausalLM
-from difflora_jax.reproduce.artifacts import RENDER, TITLES, artifact_jobs, expand
+from difflora_jax.reproduce.artifacts import ALL, RENDER, TITLES, artifact_jobs, expand
+from difflora_jax.reproduce.findings import check_findings, findings_table
 from difflora_jax.reproduce.presets import EvalPlan, Preset, model_architecture
 from difflora_jax.reproduce.runner import DRY_RUN_MODEL, Reproduction
 from difflora_jax.weights.gguf_io import open_gguf
@@ -129,6 +130,13 @@ def reproduce(
         body = f"## {TITLES[name]}\n\n{text}" + "".join(f"\n![{p}]({p})\n" for p in plots)
         (out / f"{name}.md").write_text(body)
         sections.append(body)
+    if artifact == ALL:
+        rows = check_findings(preset, results)
+        sections.insert(
+            0,
+            "## The paper's findings at this scale\n\nEach verdict is computed from the scores "
+            "below (`difflora_jax/reproduce/findings.py`).\n\n" + findings_table(rows),
+        )
     report = out / "report.md"
     header = [
         f"# Reproduction: {artifact}, preset {preset.name}{' (DRY RUN)' if dry_run else ''}",

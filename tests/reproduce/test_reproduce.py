@@ -48,6 +48,13 @@ def _row(markdown: str, first: str) -> list[str]:
 def test_every_artifact_is_written_with_its_plots(dry_run):
     report = (dry_run / "report.md").read_text()
     assert "DRY RUN" in report and "tiny random model" in report
+    findings = report[report.index("findings at this scale") : report.index("## Table 2")]
+    assert (
+        findings.count("| holds |")
+        + findings.count("| does not hold |")
+        + findings.count("| not measurable |")
+        == len(paper.FINDINGS) + 1
+    )  # and the identity start
     for artifact in expand("all"):
         text = (dry_run / f"{artifact}.md").read_text()
         assert text.split("\n")[0] in report
