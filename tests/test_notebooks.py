@@ -21,7 +21,10 @@ def test_there_are_notebooks():
 def test_notebook_executes(source, tmp_path):
     notebook = jupytext.read(source)
     client = nbclient.NotebookClient(
-        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        notebook,
+        timeout=300,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(tmp_path)}},
     )
     client.execute()  # raises CellExecutionError naming the cell on any error
     images = [
