@@ -18,8 +18,8 @@
 # negative term, B2 is kaiming-initialised and the negative map starts as a random pattern
 # scaled by lambda_init. Our identity start (lambda starts at exactly 0, B1 = 0) keeps the
 # base model's function at step 0. Group norm (per-head RMS norm times 1 - lambda_init) is the
-# ablation the paper finds destructive. DiffLoRA-32 adapts a tiny pretrained model to
-# key-value retrieval with context noise (`difflora_jax.reproduce.toy`) in four forms.
+# ablation the paper finds destructive. DiffLoRA-32 adapts a tiny pretrained model to a
+# retrieval task with decoys in the context (`difflora_jax.reproduce.toy`) in three forms.
 
 # %%
 import dataclasses
@@ -40,8 +40,7 @@ variants = {
     "paper init": paper,
     "identity start": identity,
     "paper init + GN": dataclasses.replace(paper, group_norm=True),
-    "identity start + GN": dataclasses.replace(identity, group_norm=True),
-}
+}  # no identity start with GN: group norm rescales the heads, so step 0 is not the base model
 runs, at_start = {}, {}
 with tempfile.TemporaryDirectory() as tmp:
     for name, method in variants.items():
@@ -69,3 +68,20 @@ ax2.set_xticks(range(len(names)), names, rotation=15, fontsize=8)
 ax2.set(ylabel="held-out accuracy", title="accuracy on the noisy task")
 ax2.legend(fontsize=8)
 plt.tight_layout()
+
+# %% [markdown]
+# **Conclusion.** The identity start is the base model at step 0: its held-out loss with fresh
+# adapters equals the base model's, while the paper's initialisation starts elsewhere (the
+# negative map is a random pattern scaled by lambda_init). After the same 150 steps the
+# identity start ends at least as accurate as the paper's initialisation. Group norm lowers the
+# loss at step 0 here but ends clearly less accurate than the same variant without it: it hurts,
+# though on this toy it does not destroy the model as it does in the paper. The cell below
+# checks each statement on the numbers above.
+
+# %%
+acc = {r["variant"]: r["accuracy"] for r in rows}
+assert abs(at_start["identity start"]["loss"] - base_scores["loss"]) < 1e-5
+assert abs(at_start["paper init"]["loss"] - base_scores["loss"]) > 1e-3
+assert acc["identity start"] >= acc["paper init"]
+assert base_scores["accuracy"] < acc["paper init + GN"] < acc["paper init"]
+print({name: round(a, 3) for name, a in acc.items()})

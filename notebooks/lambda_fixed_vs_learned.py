@@ -17,8 +17,8 @@
 # DiffLoRA subtracts a lambda-scaled negative attention map. The paper learns lambda with the
 # Differential Transformer's parametrisation (lambda = exp(q1.k1) - exp(q2.k2) + lambda_init)
 # and reports that a *fixed* lambda of 0.1 is more stable. Here DiffLoRA-64 (negative term
-# only, as in the paper) adapts a tiny pretrained model to key-value retrieval with context
-# noise (`difflora_jax.reproduce.toy`), with lambda learned, fixed at 0.1, and fixed at 0.5.
+# only, as in the paper) adapts a tiny pretrained model to a retrieval task with decoys in the
+# context (`difflora_jax.reproduce.toy`), with lambda learned, fixed at 0.1, and fixed at 0.5.
 # Same batches, same steps, same learning rate for every variant.
 
 # %%
@@ -61,16 +61,20 @@ ax1.legend()
 plt.tight_layout()
 
 # %% [markdown]
-# **Conclusion.** The cell below states, from the numbers above, which lambda reached the
-# lowest held-out loss on the noisy task and how far the learned lambda moved from its
-# initial value; on this toy the learned and fixed forms end close to each other, and the
-# fixed lambda's first steps are no worse, consistent with the paper's preference for a fixed
-# 0.1 as the more stable choice.
+# **Conclusion.** With the negative term alone (DiffLoRA-64, as in the paper), 150 steps
+# barely move the accuracy on the decoy task for any lambda: every variant stays within a few
+# points of the base model's 49% (DiffLoRA-32, with positive-term adapters too, reaches about
+# 80% in `init_and_group_norm`). The learned lambda grows steadily, to several times its value
+# after the first step, far above the paper's fixed 0.1; and the fixed 0.1 ends with the
+# highest held-out loss: a small fixed lambda caps how much of the negative map can be
+# subtracted. The paper prefers 0.1 for stability; at this scale it is the slowest to learn.
+# The cell below checks each of these statements on the numbers above.
 
 # %%
-best = min(rows, key=lambda r: r["loss"])
+loss = {r["variant"]: r["loss"] for r in rows}
 learned = runs["learned (paper)"].metrics
 start, end = (sum(m["lambda"].values()) / len(m["lambda"]) for m in (learned[0], learned[-1]))
-print(f"lowest held-out loss: {best['variant']} ({best['loss']:.3f}, accuracy {best['accuracy']:.3f})")
-print(f"learned lambda (mean over layers): {start:.3f} after step 1 -> {end:.3f} after the last step")
-assert all(r["loss"] < 10 for r in rows)  # every variant trained to a finite, sane loss
+print(f"learned lambda (mean over layers): {start:.3f} after step 1 -> {end:.3f} at the end")
+assert all(abs(r["accuracy"] - base_scores["accuracy"]) < 0.05 for r in rows)
+assert end > 3 * start
+assert max(loss, key=loss.get) == "fixed 0.1 (paper)"

@@ -18,8 +18,8 @@
 # DiffLoRA: Q2 = X A B), from the frozen projection plus adapters (Q2 = X W + X A B), or from
 # full trainable projections (outside a parameter-efficient budget; not run here). And the
 # paper compares rank 64 on the negative term alone with rank 32 on both terms. DiffLoRA
-# adapts a tiny pretrained model to key-value retrieval with context noise
-# (`difflora_jax.reproduce.toy`) in each form and at ranks 8, 32 and 64.
+# adapts a tiny pretrained model to a retrieval task with decoys in the
+# context (`difflora_jax.reproduce.toy`) in each form and at ranks 8, 32 and 64.
 
 # %%
 import dataclasses
@@ -65,3 +65,18 @@ for name in ranks:
 ax2.set(xlabel="step", yscale="log", title="rank (adapters-only negative term)")
 ax2.legend()
 plt.tight_layout()
+
+# %% [markdown]
+# **Conclusion.** The paper's form of the negative term (queries and keys from the adapters
+# alone) learns the decoy task; built on the frozen projections (base + adapters), the negative
+# map starts as a copy of the positive one and, in the same 150 steps, the accuracy stays near
+# the base model's even though the training loss falls. Rank matters up to 32: rank 8 learns
+# much less, and doubling to 64 adds little. The cell below checks these statements on the
+# numbers above.
+
+# %%
+acc = {r["variant"]: r["accuracy"] for r in rows}
+assert acc["adapters (paper)"] - acc["base + adapters"] > 0.2
+assert acc["rank 8"] < acc["rank 32"] - 0.1
+assert abs(acc["rank 64"] - acc["rank 32"]) < 0.05
+print({name: round(a, 3) for name, a in acc.items()})

@@ -17,10 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure  # no pyplot: no backend switched, no global figure state
 
 from difflora_jax.catalog import load_method, model_shape
 from difflora_jax.evaluation.attention_mass import SEGMENTS
@@ -87,10 +84,14 @@ def _summary(result: dict[str, Any] | None) -> dict[Any, dict[str, Any]]:
     return {row["length"]: row for row in (result or {}).get("summary", [])}
 
 
-def _save(fig, path: Path) -> str:
+def _subplots(*grid: int, figsize: tuple[float, float], **kwargs: Any) -> tuple[Figure, Any]:
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid, **kwargs)
+
+
+def _save(fig: Figure, path: Path) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path.name
 
 
@@ -160,7 +161,7 @@ def render_fig1(repro: Reproduction, results: dict, out: Path) -> tuple[str, lis
         rows.append(row)
         bars[name] = (row[3], row[4], *(row[7 : 7 + len(lm_tasks)]))
     metrics = ["mix accuracy", "HumanEval pass@1", *[f"{t} acc" for t in lm_tasks]]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(metrics) * len(bars) / 4, 3.6))
+    fig, ax = _subplots(figsize=(1.6 + 1.4 * len(metrics) * len(bars) / 4, 3.6))
     width = 0.8 / len(bars)
     for i, (name, values) in enumerate(bars.items()):
         ax.bar([m + i * width for m in range(len(metrics))], values, width, label=name)
@@ -170,7 +171,7 @@ def render_fig1(repro: Reproduction, results: dict, out: Path) -> tuple[str, lis
     ax.legend(fontsize=7, ncol=2)
     plots = [_save(fig, out / "fig1.png")]
     # training curves: the loss of every variant against the step
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = _subplots(figsize=(6, 3.6))
     for variant in repro.preset.variants:
         curve = repro.training_curve(variant)
         if curve:
@@ -206,7 +207,7 @@ def render_fig2(repro: Reproduction, results: dict, out: Path) -> tuple[str, lis
     (item,) = artifact_jobs("fig2", repro.preset)
     shots = repro.preset.eval.icl_shots
     rows = _sweep(repro, results, item, shots)
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = _subplots(figsize=(6, 3.6))
     _plot_sweep(ax, rows, shots, "demonstrations", "Many-shot ICL (Fig. 2)")
     ax.set_ylabel("accuracy")
     ax.legend(fontsize=7)
@@ -217,7 +218,7 @@ def render_fig2(repro: Reproduction, results: dict, out: Path) -> tuple[str, lis
 def render_fig3(repro: Reproduction, results: dict, out: Path) -> tuple[str, list[str]]:
     items = artifact_jobs("fig3", repro.preset)
     lengths = repro.preset.eval.nih_lengths
-    fig, axes = plt.subplots(1, len(items), figsize=(4.2 * len(items), 3.6), squeeze=False)
+    fig, axes = _subplots(1, len(items), figsize=(4.2 * len(items), 3.6), squeeze=False)
     text = ""
     for ax, item in zip(axes[0], items):
         rows = _sweep(repro, results, item, lengths)
@@ -249,7 +250,7 @@ def render_fig4(repro: Reproduction, results: dict, out: Path) -> tuple[str, lis
             rows.append([name, row["length"], row["map"], *[f"{row[s]:.2e}" for s in SEGMENTS]])
             bars[row["map"]][f"{name} ({row['length']})"] = [row[s] for s in SEGMENTS]
     head = ["model", "length", "map", *SEGMENTS]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = _subplots(1, 2, figsize=(11, 3.8))
     for ax, (term, found) in zip(axes, bars.items()):
         width = 0.8 / max(len(found), 1)
         for i, (label, values) in enumerate(found.items()):
