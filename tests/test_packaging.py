@@ -75,12 +75,16 @@ def installed(wheel, tmp_path_factory) -> tuple[Path, Path]:
     return env_dir / "bin", outside
 
 
-def test_the_wheel_carries_the_named_models_and_methods(wheel):
+def test_the_wheel_carries_the_named_models_methods_presets_and_toy_model(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     for method in sorted((ROOT / "difflora_jax" / "configs" / "methods").glob("*.yaml")):
         assert f"difflora_jax/configs/methods/{method.name}" in names
     for shape in sorted((ROOT / "difflora_jax" / "configs" / "models").glob("*.yaml")):
         assert f"difflora_jax/configs/models/{shape.name}" in names
+    for preset in sorted((ROOT / "difflora_jax" / "configs" / "presets").glob("*.yaml")):
+        assert f"difflora_jax/configs/presets/{preset.name}" in names
+    for name in ("config.json", "model.safetensors"):  # the notebooks' toy base model
+        assert f"difflora_jax/reproduce/toy_base/{name}" in names
 
 
 def test_import_uses_the_wheel_and_never_torch(installed):
