@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import Mesh
 
 from difflora_jax.config import AdapterConfig, ModelConfig, from_dict, to_dict
 from difflora_jax.errors import CheckpointError, ConfigError
@@ -43,6 +44,8 @@ from difflora_jax.modeling.adapters import (
     write_back,
 )
 from difflora_jax.modeling.llama import LlamaForCausalLM
+from difflora_jax.parallel import DEFAULT_RULES, Rules
+from difflora_jax.parallel.shard import shard_model
 
 
 class CorruptCheckpointError(CheckpointError):
@@ -522,7 +525,12 @@ def check_fits(
 
 
 def load_adapter(
-    model: LlamaForCausalLM, checkpoint: str | os.PathLike, *, check_base: bool = True
+    model: LlamaForCausalLM,
+    checkpoint: str | os.PathLike,
+    *,
+    check_base: bool = True,
+    mesh: Mesh | None = None,
+    rules: Rules | None = None,
 ) -> LlamaForCausalLM:
     """Restore trained adapters onto ``model`` (in place; returned) from ``checkpoint``: a run
     directory (its latest checkpoint), a checkpoint directory, or one step directory.
@@ -530,7 +538,8 @@ def load_adapter(
     The saved AdapterConfig is applied first when the model has no adapters (a model already
     carrying adapters must carry the same config). With ``check_base`` the model must be the
     base model the adapters were trained on (same shape configuration and weight fingerprint),
-    else a CheckpointError names both.
+    else a CheckpointError names both. With ``mesh`` the fresh adapters are placed on it first
+    (``rules``, default ``DEFAULT_RULES``), so Orbax reads each adapter straight into its shards.
     """
     directory, step = locate_checkpoint(checkpoint)
     with Checkpointer(directory, create=False) as checkpointer:
@@ -544,6 +553,8 @@ def load_adapter(
             check_adapter_config(adapter, getattr(model, "adapter_config", None), where)
         if getattr(model, "adapter_config", None) is None:
             apply_adapters(model, adapter)
+        if mesh is not None:
+            shard_model(model, mesh, rules or DEFAULT_RULES)
         restored = checkpointer.restore(step, params=adapter_arrays(model))
     write_back(model, restored.params)
     return model

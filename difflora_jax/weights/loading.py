@@ -220,7 +220,7 @@ def load_model(
         rules=rules,
     )
     if adapter is not None:
-        model = attach_adapter(model, adapter)
+        model = attach_adapter(model, adapter, mesh=mesh, rules=rules)
     if mesh is not None:
         shard_model(model, mesh, rules or DEFAULT_RULES)  # GGUF weights, adapters
     jax.block_until_ready(nnx.state(model))
@@ -228,15 +228,19 @@ def load_model(
 
 
 def attach_adapter(
-    model: LlamaForCausalLM, adapter: AdapterConfig | str | os.PathLike
+    model: LlamaForCausalLM,
+    adapter: AdapterConfig | str | os.PathLike,
+    *,
+    mesh: Mesh | None = None,
+    rules: Rules | None = None,
 ) -> LlamaForCausalLM:
     """Fresh adapters of an AdapterConfig, a methods YAML or a method name; or the trained ones
-    of a checkpoint directory."""
+    of a checkpoint directory (read straight into shards with ``mesh``)."""
     if isinstance(adapter, AdapterConfig):
         return apply_adapters(model, adapter)
     path = Path(adapter).expanduser()
     if path.is_dir():
-        return load_adapter(model, path)
+        return load_adapter(model, path, mesh=mesh, rules=rules)
     if path.suffix in (".yaml", ".yml") or path.is_file():
         return apply_adapters(model, load_method(path))
     text = str(adapter)

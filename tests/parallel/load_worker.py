@@ -59,7 +59,49 @@ def single(directory: Path) -> dict:
             "bytes_read": read,
             "q_kernel_shard": list(kernel.sharding.shard_shape(kernel.shape)),
         }
+    out["adapter"] = _adapter_into_shards(directory, ids)
     return out
+
+
+def _adapter_into_shards(directory: Path, ids: np.ndarray) -> dict:
+    """Trained DiffLoRA adapters saved from the unsharded model, restored onto a sharded load
+    (mesh 1x2x4): the logits against the unsharded model's, and the shardings of the arrays
+    Orbax restored into (the templates handed to ``Checkpointer.restore``)."""
+    import tempfile
+
+    from difflora_jax import adapter_checkpoint as ac
+    from difflora_jax.modeling.adapters import adapter_arrays, apply_adapters, write_back
+    from tests.tiny import DIFFLORA
+
+    reference, _ = _load(directory)
+    apply_adapters(reference, DIFFLORA)
+    rng = np.random.default_rng(1)
+    write_back(
+        reference,
+        jax.tree.map(lambda a: rng.normal(0, 0.2, a.shape).astype(np.float32),
+                     adapter_arrays(reference)),
+    )  # fmt: skip
+    want = np.asarray(reference(ids))
+    seen: list[str] = []
+    original = ac.Checkpointer.restore
+
+    def spy(self, step=None, *, params, **kwargs):
+        seen.extend(str(getattr(x, "sharding", None)) for x in jax.tree.leaves(params))
+        return original(self, step, params=params, **kwargs)
+
+    ac.Checkpointer.restore = spy
+    mesh = make_mesh(MeshConfig(1, 2, 4))
+    with tempfile.TemporaryDirectory() as tmp:
+        ac.save_adapter_checkpoint(reference, tmp, source=str(directory))
+        model, _ = _load(directory, mesh)
+        ac.load_adapter(model, tmp, mesh=mesh, rules=DEFAULT_RULES)
+    lora_b = model.layers[0].attn.q_proj.lora.b[...]
+    return {
+        "logit_diff": float(np.max(np.abs(np.asarray(model(ids)) - want))),
+        "templates_on_mesh": bool(seen) and all("NamedSharding" in s for s in seen),
+        "single_device_templates": sum("SingleDeviceSharding" in s for s in seen),
+        "q_lora_b_devices": len(lora_b.sharding.device_set),
+    }
 
 
 def gguf() -> dict:

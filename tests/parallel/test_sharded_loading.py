@@ -60,6 +60,12 @@ def test_sharded_load_equals_the_unsharded_load(checkpoint):
     assert result["1x8x1"]["q_kernel_shard"] == [8, 8, 8]
     assert result["1x2x4"]["q_kernel_shard"] == [32, 2, 8]
     assert result["2x2x2"]["q_kernel_shard"] == [32, 4, 8]
+    # trained adapters restored straight into shards: every template Orbax filled was already
+    # placed on the mesh, and the sharded model with them gives the unsharded logits
+    adapter = result["adapter"]
+    assert adapter["templates_on_mesh"] and adapter["single_device_templates"] == 0, adapter
+    assert adapter["q_lora_b_devices"] == 8
+    assert adapter["logit_diff"] <= 1e-5, adapter
 
 
 def test_two_processes_each_read_only_their_share(checkpoint):
