@@ -409,13 +409,21 @@ def save_yaml(config: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
-def load_yaml(cls: type[T], path: str | Path) -> T:
-    """Read a config dataclass from YAML (safe loader), validating every field."""
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """The mapping a YAML file holds (safe loader; empty file: ``{}``); a ConfigError names the
+    file when it is missing, not YAML, or not a mapping of ``what``."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    return from_dict(cls, data or {}, where="")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of {what}")
+    return data
+
+
+def load_yaml(cls: type[T], path: str | Path) -> T:
+    """Read a config dataclass from YAML (safe loader), validating every field."""
+    return from_dict(cls, read_yaml_mapping(path, f"{cls.__name__} fields"), where="")

@@ -11,10 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from difflora_jax.catalog import configs_dir, load_method, model_names, model_shape
-from difflora_jax.config import ModelConfig, check_field, from_dict, to_dict
+from difflora_jax.config import ModelConfig, check_field, from_dict, read_yaml_mapping, to_dict
 from difflora_jax.errors import ConfigError, DiffLoRAError
 from difflora_jax.evaluation.nih import TASKS as NIH_TASKS
 from difflora_jax.training.config import TrainConfig, parse_override, set_dotted
@@ -109,12 +107,7 @@ def load_preset(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Pres
             raise ConfigError(
                 f"unknown preset {str(name_or_path)!r}: not a file and not one of {preset_names()}"
             )
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of Preset fields")
+    data = read_yaml_mapping(path, "Preset fields")
     for text in overrides:
         key, value = parse_override(text)
         if key.split(".")[0] not in {f.name for f in dataclasses.fields(Preset)}:

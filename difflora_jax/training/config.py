@@ -22,6 +22,7 @@ from difflora_jax.config import (
     check_choice,
     check_field,
     from_dict,
+    read_yaml_mapping,
     to_dict,
     yaml_number,
 )
@@ -304,14 +305,7 @@ def load_train_config(path: str | Path | None, overrides: Sequence[str] = ()) ->
     base = None
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of TrainConfig fields")
+        data = read_yaml_mapping(path, "TrainConfig fields")
         base = path.parent
     method = data.get("method")
     if isinstance(method, str) and base is not None and not Path(method).is_absolute():
