@@ -271,7 +271,11 @@ def _add_eval_parser(commands) -> None:
     p.add_argument("--distractors", type=_int_list, default=[4, 9, 19], help="rag distractors")
     p.add_argument("--num", type=_positive_int, default=20, help="items per length (or problems)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", help="a RULER-style JSONL instead of generated needles")
+    p.add_argument(
+        "--data",
+        help="real data instead of the generated items (nih-*, icl, rag): a JSONL file, "
+        "hf:NAME[:SPLIT] or tfds:NAME[:SPLIT]; perplexity: a .txt or {text} JSONL",
+    )
     p.add_argument("--batch-size", type=_positive_int, default=4)
     p.add_argument("--max-new-tokens", type=_positive_int)
     p.add_argument("--out", required=True, help="a new directory: results.json and table.md")

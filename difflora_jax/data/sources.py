@@ -21,13 +21,14 @@ from difflora_jax.data.chat import validate_messages
 from difflora_jax.errors import AssetNotFoundError, ConfigError, DataError
 
 
-def _text(value: Any) -> Any:
+def plain_value(value: Any) -> Any:
+    """``value`` with bytes decoded to str and NumPy values made plain Python (lists, scalars)."""
     if isinstance(value, (bytes, np.bytes_)):
         return bytes(value).decode("utf-8")
     if isinstance(value, np.ndarray):
-        return [_text(v) for v in value.tolist()]
+        return [plain_value(v) for v in value.tolist()]
     if isinstance(value, (list, tuple)):
-        return [_text(v) for v in value]
+        return [plain_value(v) for v in value]
     if isinstance(value, np.generic):
         return value.item()
     return value
@@ -37,17 +38,17 @@ def normalize_example(row: Mapping[str, Any], where: str = "example") -> dict[st
     """A source row as a plain example dict with ``"messages"`` a list of str dicts."""
     if not isinstance(row, Mapping):
         raise DataError(f"{where}: a row must be a dict, got {type(row).__name__}")
-    out = {key: _text(value) for key, value in row.items() if key != "messages"}
+    out = {key: plain_value(value) for key, value in row.items() if key != "messages"}
     if "messages" not in row:
         raise DataError(f"{where}: example has no 'messages' field (keys: {sorted(row)})")
-    messages = _text(row["messages"])
+    messages = plain_value(row["messages"])
     if isinstance(messages, str):
         try:
             messages = json.loads(messages)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: 'messages' is a string but not valid JSON: {e}") from e
     if isinstance(messages, Mapping):  # TFDS Sequence({"role", "content"}): dict of lists
-        roles, contents = _text(messages.get("role")), _text(messages.get("content"))
+        roles, contents = plain_value(messages.get("role")), plain_value(messages.get("content"))
         if not isinstance(roles, list) or not isinstance(contents, list):
             raise DataError(f"{where}: 'messages' is a dict without 'role' and 'content' lists")
         if len(roles) != len(contents):
@@ -57,7 +58,8 @@ def normalize_example(row: Mapping[str, Any], where: str = "example") -> dict[st
         messages = [{"role": r, "content": c} for r, c in zip(roles, contents)]
     elif isinstance(messages, (list, tuple)):
         messages = [
-            {k: _text(v) for k, v in m.items()} if isinstance(m, Mapping) else m for m in messages
+            {k: plain_value(v) for k, v in m.items()} if isinstance(m, Mapping) else m
+            for m in messages
         ]
     out["messages"] = messages
     return out

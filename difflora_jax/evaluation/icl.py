@@ -7,19 +7,19 @@ food, instrument); the label is that category's id, a random 2-digit number draw
 The prompt is plain text (no chat template): ``shots`` demonstrations ``Input: ...\\nLabel:
 ID``, balanced over the labels in a shuffled order, then the query ``Input: ...\\nLabel:``.
 Real data (TREC, Banking77, Clinic150 exported as JSONL ``{"text", "label"}``):
-``load_icl_jsonl`` plus ``make_icl_from_rows`` (labels are mapped to ids the same way).
+``load_icl_data`` (a JSONL file, HF or TFDS dataset) plus ``make_icl_from_rows`` (labels are mapped to ids the same way).
 Score: the first word of the output equals the gold id.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
 
 from difflora_jax.errors import DataError
+from difflora_jax.evaluation.rows import read_rows
 
 CATEGORIES = {
     "animal": ("fox", "owl", "whale", "tiger", "rabbit", "falcon", "otter", "wolf", "horse"),
@@ -93,17 +93,13 @@ def icl_score(output: str, answer: str) -> float:
     return float(bool(words) and words[0].strip(".,;:") == answer)
 
 
-def load_icl_jsonl(path: str | Path) -> list[tuple[str, str]]:
-    """``(text, label)`` rows of a JSONL with ``text`` and ``label`` fields."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"in-context learning file not found: {path}")
+def load_icl_data(spec: str | Path) -> list[tuple[str, str]]:
+    """``(text, label)`` rows with ``text`` and ``label`` fields, from a JSONL file,
+    ``hf:NAME[:SPLIT]`` or ``tfds:NAME[:SPLIT]`` (``evaluation.rows``)."""
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-                rows.append((str(row["text"]), str(row["label"])))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise DataError(f"{path}:{number}: not a {{text, label}} row: {e}") from e
+    for where, row in read_rows(spec, "in-context learning"):
+        try:
+            rows.append((str(row["text"]), str(row["label"])))
+        except KeyError as e:
+            raise DataError(f"{where}: not a {{text, label}} row: missing {e}") from e
     return rows

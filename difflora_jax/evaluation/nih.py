@@ -6,7 +6,7 @@ An item is a filler haystack with needles "One of the special magic numbers for 
 values. ``make_nih(task, length, tokenizer, seed)`` sizes the haystack so that the prompt, with
 the tokenizer's chat template, is about ``length`` tokens (never more); every needle's
 character span in the context is recorded (``needles``) and checked. Items are seeded by
-``(task, length, seed)``. Real data: ``load_nih_jsonl`` reads RULER-style rows
+``(task, length, seed)``. Real data: ``load_nih_data`` reads RULER-style rows (a JSONL file, HF or TFDS dataset)
 ``{"input" or "context" + "question", "outputs" or "answers"}``.
 
 Score: the fraction of gold values that occur in the output (RULER's ``string_match_all``).
@@ -15,13 +15,12 @@ Score: the fraction of gold values that occur in the output (RULER's ``string_ma
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from difflora_jax.errors import ConfigError, DataError
+from difflora_jax.evaluation.rows import read_rows
 from difflora_jax.protocols import Tokenizer
 
 TASKS = {"nih-single": 1, "nih-mk2": 2, "nih-mk3": 3, "nih-mv": 1}
@@ -182,18 +181,13 @@ def make_nih_set(
     return [make_nih(task, length, tokenizer, seed + i) for length in lengths for i in range(n)]
 
 
-def load_nih_jsonl(path: str | Path, task: str = "nih-jsonl") -> list[NIHItem]:
+def load_nih_data(spec: str | Path, task: str = "nih-data") -> list[NIHItem]:
     """RULER-style rows: ``{"input": prompt}`` or ``{"context", "question"}``, with gold values
-    in ``"outputs"`` or ``"answers"`` and an optional ``"length"``."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"needle-in-a-haystack file not found: {path}")
+    in ``"outputs"`` or ``"answers"`` and an optional ``"length"``; from a JSONL file,
+    ``hf:NAME[:SPLIT]`` or ``tfds:NAME[:SPLIT]``."""
     items = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+    for number, (where, row) in enumerate(read_rows(spec, "needle-in-a-haystack"), 1):
         try:
-            row: dict[str, Any] = json.loads(line)
             answers = row.get("outputs", row.get("answers"))
             if isinstance(answers, str):
                 answers = [answers]
@@ -203,9 +197,9 @@ def load_nih_jsonl(path: str | Path, task: str = "nih-jsonl") -> list[NIHItem]:
                 context, question = row["context"], row["question"]
             if not answers or not all(isinstance(a, str) for a in answers):
                 raise KeyError("outputs")
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (KeyError, TypeError) as e:
             raise DataError(
-                f"{path}:{number}: not a needle row with input (or context + question) and "
+                f"{where}: not a needle row with input (or context + question) and "
                 f"outputs/answers: {e}"
             ) from e
         items.append(

@@ -3,18 +3,18 @@
 Generated stand-in: the gold document says where a person works and as what; distractors say
 other things about the same person (born in, visited, moved to: other cities), the same job in
 another city for other people, and other people in the gold city, so no entity alone finds the
-answer. Real data (BERGEN-style): ``load_rag_jsonl`` reads ``{"question", "documents" (strings or
+answer. Real data (BERGEN-style): ``load_rag_data`` reads (a JSONL file, HF or TFDS dataset) ``{"question", "documents" (strings or
 {"title", "text"}), "answers"}``. Score: recall of the gold answers in the output.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 from pathlib import Path
 
 from difflora_jax.errors import DataError
+from difflora_jax.evaluation.rows import read_rows
 
 _FIRST = ("Maria", "John", "Aiko", "Pedro", "Fatima", "Lukas", "Chen", "Amara", "Olga", "Ravi",
           "Sofia", "Tom", "Nadia", "Kwame", "Elena", "Omar", "Ingrid", "Diego")  # fmt: skip
@@ -74,18 +74,12 @@ def make_rag(distractors: int, seed: int = 0) -> RAGItem:
     return RAGItem(distractors, seed, tuple(documents), documents.index(gold), question, (city,))
 
 
-def load_rag_jsonl(path: str | Path) -> list[RAGItem]:
-    """Rows ``{"question", "documents", "answers"}``; a document is a string or ``{"title",
-    "text"}``."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"RAG file not found: {path}")
+def load_rag_data(spec: str | Path) -> list[RAGItem]:
+    """Rows ``{"question", "documents", "answers"}`` (a document is a string or ``{"title",
+    "text"}``) from a JSONL file, ``hf:NAME[:SPLIT]`` or ``tfds:NAME[:SPLIT]``."""
     items = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+    for number, (where, row) in enumerate(read_rows(spec, "RAG"), 1):
         try:
-            row = json.loads(line)
             docs = [
                 d if isinstance(d, str) else f"(Title: {d['title']}) {d['text']}"
                 for d in row["documents"]
@@ -95,8 +89,6 @@ def load_rag_jsonl(path: str | Path) -> list[RAGItem]:
             items.append(
                 RAGItem(len(docs) - 1, number, tuple(docs), -1, row["question"], tuple(answers))
             )
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise DataError(
-                f"{path}:{number}: not a {{question, documents, answers}} row: {e}"
-            ) from e
+        except (KeyError, TypeError) as e:
+            raise DataError(f"{where}: not a {{question, documents, answers}} row: {e}") from e
     return items

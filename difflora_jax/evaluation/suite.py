@@ -24,12 +24,12 @@ from tqdm.auto import tqdm
 from difflora_jax.errors import ConfigError
 from difflora_jax.evaluation.attention_mass import SEGMENTS, attention_mass
 from difflora_jax.evaluation.humaneval import SandboxLimits, check_completion, load_problems
-from difflora_jax.evaluation.icl import icl_score, load_icl_jsonl, make_icl, make_icl_from_rows
+from difflora_jax.evaluation.icl import icl_score, load_icl_data, make_icl, make_icl_from_rows
 from difflora_jax.evaluation.metrics import contains_all, generation_health
 from difflora_jax.evaluation.nih import TASKS as NIH_TASKS
-from difflora_jax.evaluation.nih import NIHItem, load_nih_jsonl, make_nih_set
+from difflora_jax.evaluation.nih import NIHItem, load_nih_data, make_nih_set
 from difflora_jax.evaluation.perplexity import evaluate_perplexity, load_documents
-from difflora_jax.evaluation.rag import load_rag_jsonl, make_rag
+from difflora_jax.evaluation.rag import load_rag_data, make_rag
 from difflora_jax.generation import generate
 from difflora_jax.modeling.llama import LlamaForCausalLM
 from difflora_jax.protocols import Tokenizer
@@ -260,7 +260,7 @@ def run_task(
     if task == "icl":
         items = [make_icl(n, seed + i) for n in shots for i in range(num)]
         if data:
-            rows = load_icl_jsonl(data)
+            rows = load_icl_data(data)
             items = [
                 make_icl_from_rows(rows[:i] + rows[i + 1 :], rows[i], n, seed + i)
                 for n in shots
@@ -272,7 +272,7 @@ def run_task(
             max_new_tokens=max_new_tokens or 4, progress=progress,
         )  # fmt: skip
     if task == "rag":
-        items = load_rag_jsonl(data) if data else [
+        items = load_rag_data(data) if data else [
             make_rag(k, seed + i) for k in distractors for i in range(num)
         ]  # fmt: skip
         return _generate_scored(
@@ -303,9 +303,7 @@ def run_task(
         raise ConfigError(
             f"lengths {too_long} plus the answer exceed the model's {limit} positions"
         )
-    items = (
-        load_nih_jsonl(data, task) if data else make_nih_set(task, lengths, tokenizer, num, seed)
-    )
+    items = load_nih_data(data, task) if data else make_nih_set(task, lengths, tokenizer, num, seed)
     return evaluate_nih(
         model, tokenizer, items, batch_size=batch_size, max_new_tokens=max_new_tokens or 32,
         progress=progress,

@@ -11,8 +11,8 @@ import pytest
 
 from difflora_jax.cli import main
 from difflora_jax.errors import DataError
-from difflora_jax.evaluation.icl import CATEGORIES, icl_score, load_icl_jsonl, make_icl
-from difflora_jax.evaluation.rag import load_rag_jsonl, make_rag
+from difflora_jax.evaluation.icl import CATEGORIES, icl_score, load_icl_data, make_icl
+from difflora_jax.evaluation.rag import load_rag_data, make_rag
 
 
 def _category(text: str) -> str:
@@ -65,15 +65,15 @@ def test_loaders(tmp_path):
     icl.write_text(
         '{"text": "how far is the moon", "label": "NUM"}\n{"text": "who", "label": "HUM"}\n'
     )
-    assert load_icl_jsonl(icl) == [("how far is the moon", "NUM"), ("who", "HUM")]
+    assert load_icl_data(icl) == [("how far is the moon", "NUM"), ("who", "HUM")]
     rag = tmp_path / "rag.jsonl"
     row = {"question": "q?", "documents": ["a", {"title": "T", "text": "b"}], "answers": "x"}
     rag.write_text(json.dumps(row))
-    (item,) = load_rag_jsonl(rag)
+    (item,) = load_rag_data(rag)
     assert item.documents == ("a", "(Title: T) b") and item.answers == ("x",)
     rag.write_text('{"question": "q"}')
     with pytest.raises(DataError, match=r"rag\.jsonl:1"):
-        load_rag_jsonl(rag)
+        load_rag_data(rag)
 
 
 def test_icl_and_rag_through_the_cli(tiny_hf_dir, tmp_path):

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from difflora_jax.errors import DataError
-from difflora_jax.evaluation.nih import TASKS, _prompt_tokens, load_nih_jsonl, make_nih
+from difflora_jax.evaluation.nih import TASKS, _prompt_tokens, load_nih_data, make_nih
 from difflora_jax.evaluation.suite import evaluate_nih, summarize
 
 
@@ -52,12 +52,12 @@ def test_ruler_jsonl(tmp_path):
         {"context": "k1 is 5.", "question": "What is k1?", "answers": "5"},
     ]
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    items = load_nih_jsonl(path)
+    items = load_nih_data(path)
     assert [i.answers for i in items] == [("123",), ("5",)]
     assert items[1].prompt.endswith("What is k1?")
     path.write_text('{"input": "no answers"}')
     with pytest.raises(DataError, match=r"nih\.jsonl:1"):
-        load_nih_jsonl(path)
+        load_nih_data(path)
 
 
 def test_smollm2_retrieves_a_single_needle_at_1024_tokens(smollm2):
