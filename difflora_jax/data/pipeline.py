@@ -51,9 +51,18 @@ class SFTBatchIterator:
         shuffle: bool = True,
         pad_id: int | None = None,
         state: Mapping[str, Any] | None = None,
+        offset: int = 0,
+        stride: int = 1,
     ):
         if len(examples) == 0:
             raise DataError("the example source is empty")
+        if stride < 1 or not 0 <= offset < min(stride, len(examples)):
+            raise ConfigError(
+                f"offset={offset}, stride={stride} are invalid for {len(examples)} examples: "
+                "need 0 <= offset < stride and offset < the number of examples"
+            )
+        # A stream of the source: positions offset, offset + stride, ... of each epoch's order.
+        self.offset, self.stride = int(offset), int(stride)
         self.examples = examples
         self.batch_size = batch_size
         self.max_length = max_length
@@ -70,7 +79,7 @@ class SFTBatchIterator:
         self._cache: list[TokenizedExample | None] = [None] * len(examples)
         self._orders: dict[int, np.ndarray] = {}
         self.epoch = 0
-        self.position = 0
+        self.position = self.offset
         self.batches = 0
         if state is not None:
             self.restore(state)
@@ -94,7 +103,8 @@ class SFTBatchIterator:
         index = int(self._order(epoch)[position])
         if self._cache[index] is None:
             # Tokenize the next chunk of uncached examples of this epoch in one call.
-            order = self._order(epoch)[position : position + 4 * _TOKENIZE_CHUNK]
+            span = 4 * _TOKENIZE_CHUNK * self.stride  # this stream's next examples only
+            order = self._order(epoch)[position : position + span : self.stride]
             todo = [int(i) for i in order if self._cache[int(i)] is None][:_TOKENIZE_CHUNK]
             self.tokenize(todo)
         example = self._cache[index]
@@ -127,9 +137,9 @@ class SFTBatchIterator:
                 break
             else:
                 skipped = 0
-            self.position += 1
-            if self.position == len(self.examples):
-                self.epoch, self.position = self.epoch + 1, 0
+            self.position += self.stride
+            if self.position >= len(self.examples):
+                self.epoch, self.position = self.epoch + 1, self.offset
             if not self.packing and self._packer.num_examples == self.batch_size:
                 break
         self.batches += 1
@@ -137,7 +147,9 @@ class SFTBatchIterator:
 
     def state(self) -> dict[str, Any]:
         """A JSON-serialisable dict of where the stream stands (and the settings it needs)."""
+        stream = {"offset": self.offset, "stride": self.stride} if self.stride > 1 else {}
         return {
+            **stream,
             "version": STATE_VERSION,
             "epoch": self.epoch,
             "position": self.position,
@@ -160,15 +172,21 @@ class SFTBatchIterator:
                 f"iterator state version {state['version']} is not supported "
                 f"(expected {STATE_VERSION})"
             )
-        current = self.state()
-        for key in ("seed", "num_examples", "batch_size", "max_length", "packing", "shuffle"):
+        current = {**self.state(), "offset": self.offset, "stride": self.stride}
+        state = {"offset": 0, "stride": 1, **state}  # states of whole sources carry neither
+        for key in ("seed", "num_examples", "batch_size", "max_length", "packing", "shuffle",
+                    "offset", "stride"):  # fmt: skip
             if state[key] != current[key]:
                 raise ConfigError(
                     f"iterator state was saved with {key}={state[key]!r}, but this iterator has "
                     f"{key}={current[key]!r}"
                 )
         epoch, position = int(state["epoch"]), int(state["position"])
-        if epoch < 0 or not 0 <= position < len(self.examples):
+        if (
+            epoch < 0
+            or not 0 <= position < len(self.examples)
+            or position % self.stride != self.offset
+        ):
             raise ConfigError(
                 f"iterator state position (epoch {epoch}, position {position}) is out of range "
                 f"for {len(self.examples)} examples"

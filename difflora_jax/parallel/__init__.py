@@ -9,7 +9,7 @@ and its rules current, so the model constrains its activations at layer boundari
 is traced.
 """
 
-from difflora_jax.parallel.distributed import initialize_distributed, is_main_process
+from difflora_jax.parallel.distributed import gather_max, initialize_distributed, is_main_process
 from difflora_jax.parallel.mesh import MESH_AXES, MeshConfig, make_mesh
 from difflora_jax.parallel.rules import (
     DEFAULT_RULES,
@@ -27,6 +27,7 @@ __all__ = [
     "MeshConfig",
     "Rules",
     "constrain",
+    "gather_max",
     "initialize_distributed",
     "is_main_process",
     "logical_spec",

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from difflora_jax.errors import ConfigError
 
@@ -64,3 +66,12 @@ def initialize_distributed(
 def is_main_process() -> bool:
     """Process 0: the one that prints, logs metrics and writes TensorBoard."""
     return jax.process_index() == 0
+
+
+def gather_max(array: np.ndarray) -> np.ndarray:
+    """The elementwise maximum of ``array`` over all processes (a collective: every process
+    calls it); ``array`` itself in a single-process run."""
+    if jax.process_count() == 1:
+        return array
+    gathered = multihost_utils.process_allgather(np.asarray(array))  # [processes, ...]
+    return np.asarray(gathered).max(axis=0).astype(array.dtype)

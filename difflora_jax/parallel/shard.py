@@ -94,14 +94,21 @@ def local_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> slice:
     return slice(lo, hi)
 
 
-def global_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """The global batch on the mesh from the host batch of global rows (every process iterates
-    the same data order): each process passes only the rows its devices hold (``local_rows``)
-    to ``jax.make_array_from_process_local_data``."""
+def global_batch(
+    batch: Mapping[str, np.ndarray], sharding: NamedSharding, *, global_rows: int | None = None
+) -> dict[str, jax.Array]:
+    """The global batch on the mesh from this process's host batch, fed to
+    ``jax.make_array_from_process_local_data``: either all global rows (every process iterates
+    the same data order; each passes only the rows its devices hold, ``local_rows``), or, when
+    it has fewer than ``global_rows`` rows, exactly this process's rows (streamed data)."""
     arrays = {key: np.asarray(value) for key, value in batch.items()}
-    rows = local_rows(sharding, next(iter(arrays.values())).shape)
+    shape = next(iter(arrays.values())).shape
+    full = (global_rows if global_rows is not None else shape[0], *shape[1:])
+    if shape[0] == full[0]:
+        rows = local_rows(sharding, full)
+        arrays = {key: value[rows] for key, value in arrays.items()}
     return {
-        key: jax.make_array_from_process_local_data(sharding, value[rows], value.shape)
+        key: jax.make_array_from_process_local_data(sharding, value, full)
         for key, value in arrays.items()
     }
 

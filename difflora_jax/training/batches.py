@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 
 from difflora_jax import data
+from difflora_jax.data.streams import StreamedBatches
 from difflora_jax.errors import ConfigError
+from difflora_jax.parallel import gather_max
 from difflora_jax.protocols import Tokenizer
 from difflora_jax.training.config import DataConfig
 
@@ -109,9 +111,16 @@ def load_examples(config: DataConfig):
 
 
 def build_batches(
-    config: DataConfig, tokenizer: Tokenizer | None, *, batch_size: int, vocab_size: int
+    config: DataConfig,
+    tokenizer: Tokenizer | None,
+    *,
+    batch_size: int,
+    vocab_size: int,
+    rows: slice | None = None,
 ):
-    """The resumable batch iterator of ``config`` (rows of ``config.max_length`` tokens)."""
+    """The resumable batch iterator of ``config`` (rows of ``config.max_length`` tokens). With
+    ``config.streams`` > 1 (chat sources) it yields only ``rows`` of each global batch (this
+    process's, default all), reading only their streams (``data.streams``)."""
     config.validate()
     if config.source == "random":
         return RandomBatches(
@@ -121,6 +130,19 @@ def build_batches(
         raise ConfigError(
             f"data.source={config.source!r} needs a tokenizer with a chat template, and the "
             "model has none (use a checkpoint with tokenizer files, or data.source=random)"
+        )
+    if config.streams > 1:
+        return StreamedBatches(
+            load_examples(config),
+            tokenizer,
+            batch_size=batch_size,
+            max_length=config.max_length,
+            streams=config.streams,
+            rows=rows or slice(0, batch_size),
+            seed=config.seed,
+            packing=config.packing,
+            shuffle=config.shuffle,
+            gather=gather_max,
         )
     return data.SFTBatchIterator(
         load_examples(config),

@@ -45,6 +45,11 @@ class DataConfig:
     split ``split``), ``tfds`` (a prepared TFDS array_record dataset named ``path``, in
     ``data_dir``) or ``random`` (uniform random tokens, no tokenizer needed: smoke tests and
     throughput). ``seed`` fixes the shuffle order (and the synthetic items).
+
+    ``streams`` (chat sources): the batch's rows come from this many independent packed streams
+    (``data.streams``), and each process reads, tokenizes and packs only the streams of its own
+    rows; the batches are the same for any process count. 1 (the default): one stream, read
+    whole by every process.
     """
 
     source: str = "synthetic"
@@ -57,9 +62,16 @@ class DataConfig:
     packing: bool = True
     shuffle: bool = True
     seed: int = 0
+    streams: int = 1
 
     def validate(self) -> None:
         check_choice("data.source", self.source, DATA_SOURCES)
+        check_field(
+            isinstance(self.streams, int) and self.streams >= 1,
+            "data.streams",
+            self.streams,
+            "an integer >= 1",
+        )
         if self.source in ("jsonl", "hf", "tfds"):
             check_field(
                 bool(self.path),
@@ -232,6 +244,13 @@ class TrainConfig:
         check_field(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "in [0, 1)")
         self.optimizer_config().validate()
         self.data.validate()
+        check_field(
+            self.batch_size % self.data.streams == 0,
+            "data.streams",
+            self.data.streams,
+            f"a divisor of batch_size ({self.batch_size}): each stream fills "
+            "batch_size / streams rows",
+        )
 
     @property
     def warmup_steps(self) -> int:

@@ -45,7 +45,14 @@ from difflora_jax.losses import BATCH_KEYS
 from difflora_jax.modeling.adapters import apply_adapters, lambda_layers, write_back
 from difflora_jax.modeling.llama import LlamaForCausalLM
 from difflora_jax.parallel import Rules, is_main_process, make_mesh, make_rules
-from difflora_jax.parallel.shard import batch_split, global_batch, init_optimizer, shard_model
+from difflora_jax.parallel.shard import (
+    batch_sharding,
+    batch_split,
+    global_batch,
+    init_optimizer,
+    local_rows,
+    shard_model,
+)
 from difflora_jax.protocols import Tokenizer
 from difflora_jax.training.batches import build_batches
 from difflora_jax.training.config import (
@@ -228,8 +235,13 @@ def _prepare(
     model.set_layer_execution(scan=config.scan_layers, remat=config.remat)
     shard_model(model, mesh, rules)  # the adapters (and a model passed in)
     if batches is None:
+        shape = (config.batch_size, config.data.max_length)
         batches = build_batches(
-            config.data, tokenizer, batch_size=config.batch_size, vocab_size=model.config.vocab_size
+            config.data,
+            tokenizer,
+            batch_size=config.batch_size,
+            vocab_size=model.config.vocab_size,
+            rows=local_rows(batch_sharding(mesh, rules), shape),  # read with data.streams > 1
         )
     optimizer = config.optimizer_config()
     graphdef, params, rng, rest = split_for_training(model)
@@ -388,18 +400,21 @@ def _run_steps(
     """Steps until ``max_steps``: train, check, log, checkpoint; returns the logged records."""
     config = run.config
     shape = (config.batch_size, config.data.max_length)
+    # streamed data (data.streams > 1) yields only this process's rows of each batch
+    rows: slice | None = getattr(run.batches, "local_rows", None)
+    expected = shape if rows is None else (rows.stop - rows.start, shape[1])
     logged: list[dict[str, Any]] = []
     while state.step < config.max_steps:
         start = time.perf_counter()
         batch = next(run.batches)
-        _check_batch(batch, state.step + 1, shape, run.model.config.vocab_size)
+        _check_batch(batch, state.step + 1, expected, run.model.config.vocab_size)
         arrays = {k: np.asarray(batch[k], np.int32) for k in BATCH_KEYS}
         params, opt_state, rng, metrics = run.step_fn(
             state.params,
             state.opt_state,
             state.rng,
             run.rest,
-            global_batch(arrays, run.step_fn.batch_sharding),
+            global_batch(arrays, run.step_fn.batch_sharding, global_rows=shape[0]),
         )
         metrics = jax.device_get(metrics)
         elapsed = time.perf_counter() - start

@@ -1,7 +1,9 @@
 """Two local processes x 4 CPU devices run ``difflora train`` under ``jax.distributed`` (gloo
 collectives on 127.0.0.1), save collectively, are killed mid-run, and one process with 8
 devices resumes on another mesh: the losses of every step equal those of an uninterrupted
-single-process run."""
+single-process run. Twice: random tokens (every process makes the whole batch), and chat data
+in two streams (``data.streams=2``: each process reads and packs only its own rows' stream,
+and the resumed single process continues both from the gathered positions)."""
 
 from __future__ import annotations
 
@@ -14,9 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
-from tests.tiny import tiny_model, write_hf_checkpoint
+from tests.tiny import byte_tokenizer, tiny_model, write_hf_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-c", "import sys; from difflora_jax.cli import main; sys.exit(main())"]
@@ -29,13 +32,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _config(tmp_path: Path, model_dir: Path, run_dir: Path) -> Path:
+DATA = {
+    "random": {"source": "random", "max_length": 32, "seed": 0},
+    # byte-level tokens: the short tasks of the mix fit 256 positions
+    "streams": {"source": "synthetic", "num_examples": 48, "tasks": ["copy", "count", "kv_lookup"],
+                "max_length": 256, "seed": 0, "streams": 2},
+}  # fmt: skip
+
+
+def _config(tmp_path: Path, model_dir: Path, run_dir: Path, data: str) -> Path:
     config = {
         "model": str(model_dir),
         "method": {"method": "difflora", "rank": 4, "alpha": 8.0, "group_norm": True},
         "output_dir": str(run_dir),
         "dtype": "float32",
-        "data": {"source": "random", "max_length": 32, "seed": 0},
+        "data": DATA[data],
         "batch_size": 8,
         "max_steps": STEPS,
         "save_every": 2,
@@ -71,17 +82,18 @@ def _train(config: Path, *extra: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_two_processes_killed_after_a_save_resume_on_one(tmp_path):
+@pytest.mark.parametrize("data", list(DATA))
+def test_two_processes_killed_after_a_save_resume_on_one(tmp_path, data):
     model_dir = tmp_path / "model"
-    write_hf_checkpoint(model_dir, tiny_model(None))
-    reference = _config(tmp_path, model_dir, tmp_path / "reference")
+    write_hf_checkpoint(model_dir, tiny_model(None), tokenizer=byte_tokenizer())
+    reference = _config(tmp_path, model_dir, tmp_path / "reference", data)
     proc = _train(reference, "--local-devices", "8")
     assert proc.returncode == 0, proc.stderr[-3000:]
     want = _losses(tmp_path / "reference")
     assert sorted(want) == list(range(1, STEPS + 1))
 
     run_dir = tmp_path / "run"
-    config = _config(tmp_path, model_dir, run_dir)
+    config = _config(tmp_path, model_dir, run_dir, data)
     address = f"127.0.0.1:{_free_port()}"
 
     def worker(i: int) -> subprocess.Popen:
