@@ -78,11 +78,19 @@ def dry_run_preset(preset: Preset, out: Path) -> tuple[Preset, list[str]]:
         f"data: {data.get('source')} {data.get('path') or ''} -> 32 generated mix items of 128 "
         "tokens",
         f"training: batch {train.get('batch_size')} x {data.get('max_length')}, "
-        f"{train.get('max_steps')} steps -> batch 2 x 128, 2 steps",
+        f"{train.get('max_steps')} steps -> batch 2 x 128, 2 steps"
+        + (f", data.streams {data['streams']} -> 2" if int(data.get("streams", 1)) > 2 else ""),
     ]
     train.update(
         model=str(model_dir),
-        data={"source": "synthetic", "num_examples": 32, "max_length": 128, "seed": 0},
+        # the preset's streams, as far as 2 rows allow (one per row with data.streams > 1)
+        data={
+            "source": "synthetic",
+            "num_examples": 32,
+            "max_length": 128,
+            "seed": 0,
+            "streams": min(int(data.get("streams", 1)), 2),
+        },
         batch_size=2,
         grad_accum_steps=1,
         max_steps=2,
