@@ -119,7 +119,7 @@ def load_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return examples
 
 
-def load_hf_dataset(name_or_path: str | os.PathLike, split: str = "train") -> ExampleSource:
+def open_hf_split(name_or_path: str | os.PathLike, split: str) -> Any:
     """A Hugging Face ``datasets`` split: a directory written by ``save_to_disk`` (a ``Dataset``
     or a ``DatasetDict``), or anything ``datasets.load_dataset(name_or_path, split=split)``
     loads (a local data directory or file type, or a hub name when online). No loading script
@@ -129,7 +129,7 @@ def load_hf_dataset(name_or_path: str | os.PathLike, split: str = "train") -> Ex
         import datasets
     except ImportError as e:
         raise ConfigError(
-            "load_hf_dataset needs the `datasets` package: python -m pip install datasets"
+            "Hugging Face data needs the `datasets` package: python -m pip install datasets"
         ) from e
     text = str(name_or_path)
     path = Path(text).expanduser()
@@ -152,6 +152,14 @@ def load_hf_dataset(name_or_path: str | os.PathLike, split: str = "train") -> Ex
         raise AssetNotFoundError(f"dataset {text!r} (split {split!r}) not found: {e}") from e
     except Exception as e:
         raise DataError(f"cannot load dataset {text!r} (split {split!r}): {e}") from e
+    return dataset
+
+
+def load_hf_dataset(name_or_path: str | os.PathLike, split: str = "train") -> ExampleSource:
+    """The chat examples of a Hugging Face ``datasets`` split (``open_hf_split``), which must
+    have a ``messages`` column."""
+    text = str(name_or_path)
+    dataset = open_hf_split(name_or_path, split)
     if "messages" not in dataset.column_names:
         raise DataError(
             f"dataset {text!r} (split {split!r}) has no 'messages' column "

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from difflora_jax.data.sources import plain_value
+from difflora_jax.data.sources import open_hf_split, plain_value
 from difflora_jax.errors import AssetNotFoundError, ConfigError, DataError
 
 DEFAULT_SPLIT = "test"
@@ -59,26 +59,7 @@ def _jsonl_rows(path: Path, what: str) -> Iterator[tuple[str, dict]]:
 
 
 def _hf_rows(name: str, split: str) -> Iterator[tuple[str, dict]]:
-    try:
-        import datasets  # optional: only for hf: data
-    except ImportError as e:
-        raise ConfigError("hf: data needs the `datasets` package: pip install datasets") from e
-    path = Path(name).expanduser()
-    try:
-        if path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_dict.json")):
-            dataset: Any = datasets.load_from_disk(str(path))
-            if isinstance(dataset, datasets.DatasetDict):
-                if split not in dataset:
-                    raise DataError(f"{path} has no split {split!r}; it holds {sorted(dataset)}")
-                dataset = dataset[split]
-        else:
-            dataset = datasets.load_dataset(name, split=split)
-    except DataError:
-        raise
-    except FileNotFoundError as e:
-        raise AssetNotFoundError(f"dataset {name!r} (split {split!r}) not found: {e}") from e
-    except Exception as e:
-        raise DataError(f"cannot load dataset {name!r} (split {split!r}): {e}") from e
+    dataset = open_hf_split(name, split)
     for i in range(len(dataset)):
         yield f"hf:{name}[{split}][{i}]", {k: plain_value(v) for k, v in dataset[i].items()}
 

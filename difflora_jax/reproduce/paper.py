@@ -4,16 +4,6 @@ Llama-3.2-1B-Instruct, not outputs of this code."""
 
 from __future__ import annotations
 
-# Our variant name -> the paper's row name.
-PAPER_NAMES = {
-    "base": "Llama-3.2-1B-Instruct",
-    "lora-r8": "LoRA",
-    "difflora-64": "DiffLoRA-64",
-    "difflora-64-fixed-lambda": "DiffLoRA-64 (lambda=0.1)",
-    "difflora-32": "DiffLoRA-32",
-    "difflora-32-gn": "DiffLoRA-32 + GN",
-}
-
 # Figure 1 (OLMES general abilities).
 GENERAL_TASKS = (
     "TruthfulQA",

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from difflora_jax.catalog import configs_dir, load_method, model_names, model_shape
-from difflora_jax.config import ModelConfig, check_field, from_dict, read_yaml_mapping, to_dict
+from difflora_jax.config import ModelConfig, check_field, from_dict, read_yaml_mapping
 from difflora_jax.errors import ConfigError, DiffLoRAError
 from difflora_jax.evaluation.nih import TASKS as NIH_TASKS
 from difflora_jax.training.config import TrainConfig, parse_override, set_dotted
@@ -117,10 +117,6 @@ def load_preset(name_or_path: str | Path, overrides: Sequence[str] = ()) -> Pres
             )
         set_dotted(data, key, value)
     return from_dict(Preset, data, where=f"preset {path.stem}")
-
-
-def preset_dict(preset: Preset) -> dict[str, Any]:
-    return to_dict(preset)
 
 
 def model_architecture(source: str) -> ModelConfig:

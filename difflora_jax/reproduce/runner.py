@@ -31,15 +31,15 @@ from typing import Any
 from flax import nnx
 
 from difflora_jax.catalog import load_method
+from difflora_jax.config import to_dict
 from difflora_jax.data import make_mix
 from difflora_jax.data.synthetic import prompt_messages
 from difflora_jax.errors import ConfigError
 from difflora_jax.evaluation import heldout_accuracy, heldout_loss, suite
-from difflora_jax.modeling.adapters import count_adapter_params
 from difflora_jax.modeling.llama import LlamaForCausalLM
 from difflora_jax.parallel import make_mesh, make_rules
 from difflora_jax.protocols import Tokenizer
-from difflora_jax.reproduce.presets import Preset, preset_dict
+from difflora_jax.reproduce.presets import Preset
 from difflora_jax.training import read_metrics, train
 from difflora_jax.weights.loading import attach_adapter, load_model
 
@@ -99,14 +99,13 @@ class Reproduction:
         self.mesh = make_mesh(config.mesh)
         self.rules = make_rules(config.sharding_rules)
         self._base: tuple[LlamaForCausalLM, Tokenizer] | None = None
-        self.trained_steps: dict[str, int] = {}
         self._check_out()
 
     # -- directory --------------------------------------------------------------------------
     def _check_out(self) -> None:
         """A new directory gets ``preset.json``; an existing one must hold the same training
         (model, data, steps, variants' methods). Evaluation sizes may differ."""
-        record = preset_dict(self.preset)
+        record = to_dict(self.preset)
         path = self.out / PRESET_FILE
         entries = (
             [p for p in self.out.iterdir() if p.name != DRY_RUN_MODEL] if self.out.is_dir() else []
@@ -173,22 +172,14 @@ class Reproduction:
         )
         if result.resumed_from == config.max_steps:
             self.echo(f"   restored from its step-{result.step} checkpoint (no training)")
-        self.trained_steps[variant] = result.step
         return result.model
 
     def fresh_variant(self, variant: str) -> LlamaForCausalLM:
         """The base model with the variant's adapters as initialised (before any step)."""
         return attach_adapter(nnx.clone(self.base()[0]), load_method(variant))
 
-    def train_all(self) -> None:
-        for variant in self.preset.variants:
-            self.train_variant(variant)
-
     def training_curve(self, variant: str) -> list[dict[str, Any]]:
         return read_metrics(self.run_dir(variant))
-
-    def trainable_params(self, variant: str) -> int:
-        return count_adapter_params(self.fresh_variant(variant))
 
     # -- jobs -------------------------------------------------------------------------------
     def results(self, jobs: Sequence[Job]) -> dict[str, dict[str, Any]]:
