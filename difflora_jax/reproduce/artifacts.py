@@ -138,23 +138,23 @@ def render_fig1(repro: Reproduction, results: dict, out: Path) -> tuple[str, lis
             "HumanEval pass@1", "distinct-2", "longest repeat (mean)"]  # fmt: skip
     lm_tasks: list[str] = []
     if "lm-eval" in jobs:
-        found = results[BASE].get(jobs["lm-eval"].key, {}).get("tasks", {})
+        found = results[BASE].get(jobs["lm-eval"].slot, {}).get("tasks", {})
         lm_tasks = sorted(found)
         head += [f"{t} acc" for t in lm_tasks]
     head.append("paper HumanEval (1B)")
     rows, bars = [], {}
     for name in _models(repro):
         r = results[name]
-        final = r.get(jobs["heldout"].key, {})
-        init = r.get(jobs["heldout-init"].key, final if name == BASE else {})
-        humaneval = _summary(r.get(jobs["humaneval"].key)).get(0, {})
+        final = r.get(jobs["heldout"].slot, {})
+        init = r.get(jobs["heldout-init"].slot, final if name == BASE else {})
+        humaneval = _summary(r.get(jobs["humaneval"].slot)).get(0, {})
         row = [
             name, init.get("loss", math.nan), final.get("loss", math.nan),
             final.get("accuracy", {}).get("all", math.nan), humaneval.get("score", math.nan),
             humaneval.get("distinct_2", math.nan), humaneval.get("longest_repeat_mean", math.nan),
         ]  # fmt: skip
         if lm_tasks:
-            tasks = r.get(jobs["lm-eval"].key, {}).get("tasks", {})
+            tasks = r.get(jobs["lm-eval"].slot, {}).get("tasks", {})
             row += [tasks.get(t, {}).get("acc,none", math.nan) for t in lm_tasks]
         general = paper.GENERAL.get(name)
         row.append(general[paper.GENERAL_TASKS.index("HumanEval")] if general else "-")
@@ -188,7 +188,7 @@ def render_fig1(repro: Reproduction, results: dict, out: Path) -> tuple[str, lis
 def _sweep(repro: Reproduction, results: dict, item: Job, sweep: Sequence[int]) -> list[list]:
     rows = []
     for name in _models(repro):
-        summary = _summary(results[name].get(item.key))
+        summary = _summary(results[name].get(item.slot))
         rows.append([name, *[summary.get(v, {}).get("score", math.nan) for v in sweep]])
     return rows
 
@@ -246,7 +246,7 @@ def render_fig4(repro: Reproduction, results: dict, out: Path) -> tuple[str, lis
     (item,) = artifact_jobs("fig4", repro.preset)
     rows, bars = [], {"positive": {}, "negative": {}}
     for name in _models(repro):
-        for row in (results[name].get(item.key) or {}).get("attention", []):
+        for row in (results[name].get(item.slot) or {}).get("attention", []):
             rows.append([name, row["length"], row["map"], *[f"{row[s]:.2e}" for s in SEGMENTS]])
             bars[row["map"]][f"{name} ({row['length']})"] = [row[s] for s in SEGMENTS]
     head = ["model", "length", "map", *SEGMENTS]

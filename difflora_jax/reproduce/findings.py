@@ -37,7 +37,7 @@ class Scores:
 
     def result(self, model: str, name: str) -> dict[str, Any] | None:
         item = self.jobs.get(name)
-        return None if item is None else self.results.get(model, {}).get(item.key)
+        return None if item is None else self.results.get(model, {}).get(item.slot)
 
     def metrics(self, model: str) -> dict[str, float]:
         """Every higher-is-better task score of ``model`` (means over each sweep)."""

@@ -63,6 +63,13 @@ class Job:
         text = json.dumps([self.name, list(self.params)], sort_keys=True)
         return f"{self.name}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
 
+    @property
+    def slot(self) -> str:
+        """The job's entry in ``Reproduction.results``: its ``key`` (also its cache file name,
+        under the stage directory), marked ``@init`` for a score with fresh adapters, so a
+        job scored both before and after training keeps both."""
+        return self.key + ("@init" if self.init else "")
+
     def arg(self, name: str) -> Any:
         return dict(self.params)[name]
 
@@ -183,7 +190,7 @@ class Reproduction:
 
     # -- jobs -------------------------------------------------------------------------------
     def results(self, jobs: Sequence[Job]) -> dict[str, dict[str, Any]]:
-        """``{model: {job key: result}}`` for the base model and every variant, running only
+        """``{model: {job slot: result}}`` for the base model and every variant, running only
         the jobs not on disk (and training a variant only when one of its jobs needs it)."""
         self.preflight(jobs)
         found: dict[str, dict[str, Any]] = {}
@@ -194,7 +201,7 @@ class Reproduction:
             for item in wanted:
                 path = self._cache_path(model_name, self._stage(model_name, item), item)
                 if path.is_file():
-                    found[model_name][item.key] = json.loads(path.read_text())
+                    found[model_name][item.slot] = json.loads(path.read_text())
                 else:
                     missing.append(item)
             for init in (True, False):
@@ -208,7 +215,7 @@ class Reproduction:
                 else:
                     model = self.train_variant(model_name)
                 for item in todo:
-                    found[model_name][item.key] = self._run_job(model_name, model, item)
+                    found[model_name][item.slot] = self._run_job(model_name, model, item)
                 del model
         return found
 

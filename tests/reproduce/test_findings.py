@@ -41,14 +41,14 @@ def _results(score: dict[str, float], repeat: dict[str, float], init: dict[str, 
         if model.startswith("difflora"):
             attention.append({"length": 1024, "map": "negative", **neg})
         out[model] = {
-            jobs["heldout"].key: {"loss": final[model], "accuracy": {"all": x}},
-            jobs["heldout-init"].key: {"loss": init[model]},
-            jobs["humaneval"].key: _summary({0: x}, r),
-            jobs["lm-eval"].key: {"tasks": {"difflora_mix_mc": {"acc,none": x}}},
-            jobs["icl"].key: _summary(icl, r),
-            jobs["rag"].key: _summary({n: x for n in plan.rag_distractors}, r),
-            jobs["attention-mass"].key: {"attention": attention},
-            **{jobs[t].key: _summary({n: x for n in plan.nih_lengths}, r) for t in plan.nih_tasks},
+            jobs["heldout"].slot: {"loss": final[model], "accuracy": {"all": x}},
+            **({} if model == BASE else {jobs["heldout-init"].slot: {"loss": init[model]}}),
+            jobs["humaneval"].slot: _summary({0: x}, r),
+            jobs["lm-eval"].slot: {"tasks": {"difflora_mix_mc": {"acc,none": x}}},
+            jobs["icl"].slot: _summary(icl, r),
+            jobs["rag"].slot: _summary({n: x for n in plan.rag_distractors}, r),
+            jobs["attention-mass"].slot: {"attention": attention},
+            **{jobs[t].slot: _summary({n: x for n in plan.nih_lengths}, r) for t in plan.nih_tasks},
         }
     return out
 
@@ -68,7 +68,7 @@ def test_findings_that_hold():
     score = _per_model(0.5, base=0.6, lora_r8=0.8, difflora_32_gn=0.0)
     repeat = _per_model(10.0, base=2.0, lora_r8=2.0)
     init = _per_model(5.0, base=2.0, lora_r8=2.0, difflora_identity=2.0)
-    final = _per_model(1.5, difflora_identity=1.0)
+    final = _per_model(1.5, base=2.0, difflora_identity=1.0)
     v = _verdicts(_results(score, repeat, init, final, icl_falls=True, denoise=True))
     assert v["LoRA beats DiffLoRA on most tasks"] == "holds"
     assert v["DiffLoRA is ahead of LoRA on HumanEval"] == "does not hold"
@@ -83,7 +83,7 @@ def test_findings_that_do_not_hold():
     score = _per_model(0.8, base=0.6, lora_r8=0.5)
     repeat = _per_model(1.0, base=2.0, lora_r8=2.0)
     init = _per_model(5.0, base=2.0)  # the identity start is not at the base model
-    final = _per_model(1.5, difflora_identity=1.0)
+    final = _per_model(1.5, base=2.0, difflora_identity=1.0)
     v = _verdicts(_results(score, repeat, init, final, icl_falls=False, denoise=False))
     for finding in (
         "LoRA beats DiffLoRA on most tasks",

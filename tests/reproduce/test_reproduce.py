@@ -130,14 +130,22 @@ def test_function_preserving_starts_score_as_the_base_model(dry_run):
 def test_a_second_artifact_reuses_checkpoints_and_scores(dry_run, capsys):
     before = {p: p.stat().st_mtime_ns for p in (dry_run / "evals").rglob("*.json")}
     metrics = {v: (dry_run / "runs" / v / "metrics.jsonl").read_text() for v in VARIANTS}
-    argv = ["reproduce", "fig3", "--preset", "paper", "--dry-run", "--out", str(dry_run)]
-    assert main([*argv, "--no-progress"]) == 0
-    printed = capsys.readouterr().out
-    assert "== " not in printed and ": nih-mk2" not in printed  # nothing trained or scored
+    for artifact in ("fig3", "fig1"):
+        argv = ["reproduce", artifact, "--preset", "paper", "--dry-run", "--out", str(dry_run)]
+        assert main([*argv, "--no-progress"]) == 0
+        printed = capsys.readouterr().out
+        assert "== " not in printed and ": nih-mk2" not in printed  # nothing trained or scored
     after = {p: p.stat().st_mtime_ns for p in (dry_run / "evals").rglob("*.json")}
     assert after == before
     assert metrics == {v: (dry_run / "runs" / v / "metrics.jsonl").read_text() for v in VARIANTS}
-    assert "Figure 3" in (dry_run / "report.md").read_text()
+    assert "Figure 1" in (dry_run / "report.md").read_text()
+    # scores read back from the cache keep the init and trained scores of the same job apart
+    fig1 = (dry_run / "fig1.md").read_text()
+    for variant in VARIANTS:
+        cells = _row(fig1, variant)
+        init = _cached(dry_run, variant, "init", "heldout")["loss"]
+        final = _cached(dry_run, variant, "step-2", "heldout")["loss"]
+        assert (float(cells[1]), float(cells[2])) == pytest.approx((init, final), abs=5e-4)
 
 
 def test_a_changed_training_setup_is_refused_and_nothing_is_touched(dry_run, capsys):
