@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,20 @@ class ExampleSource(Sequence):
         return f"ExampleSource({self.name!r}, {len(self)} examples)"
 
 
+def jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """``(where, value)`` for each non-blank line of the JSONL file ``path``; ``where`` names
+    the file and 1-based line number, and an invalid line raises ``DataError`` naming it."""
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON: {e}") from e
+
+
 def load_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """All examples of a JSONL file (one JSON object per line; blank lines skipped).
 
@@ -102,18 +116,10 @@ def load_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     if not path.is_file():
         raise AssetNotFoundError(f"JSONL file {path} does not exist")
     examples = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON: {e}") from e
-            example = normalize_example(row, where)
-            validate_messages(example, where)
-            examples.append(example)
+    for where, row in jsonl_rows(path):
+        example = normalize_example(row, where)
+        validate_messages(example, where)
+        examples.append(example)
     if not examples:
         raise DataError(f"{path}: the file holds no examples")
     return examples

@@ -10,13 +10,12 @@ file and line or the dataset and index for error messages; bytes are decoded to 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from difflora_jax.data.sources import open_hf_split, plain_value
+from difflora_jax.data.sources import jsonl_rows, open_hf_split, plain_value
 from difflora_jax.errors import AssetNotFoundError, ConfigError, DataError
 
 DEFAULT_SPLIT = "test"
@@ -45,14 +44,7 @@ def _jsonl_rows(path: Path, what: str) -> Iterator[tuple[str, dict]]:
         raise AssetNotFoundError(
             f"{what} file not found: {path} (or name a dataset: hf:NAME[:SPLIT], tfds:NAME[:SPLIT])"
         )
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: invalid JSON: {e}") from e
+    for where, row in jsonl_rows(path):
         if not isinstance(row, dict):
             raise DataError(f"{where}: a row must be a JSON object")
         yield where, row
