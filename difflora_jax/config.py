@@ -136,12 +136,14 @@ class ModelConfig:
 
 
 ADAPTER_METHODS = ("lora", "difflora")
-# Generators of the adapter-dropout keys, the default first. Both draw i.i.d. Bernoulli masks
-# (the same dropout as PEFT's) and differ only in cost, which depends on the machine and on
-# the rest of the step: in the scanned SmolLM2-135M LoRA r8 step at 4 x 512 on a 2-core
-# AMD EPYC, threefry2x32 took 13.9 s against rbg's 15.9 s (both timed by bench.train.jax_runner
-# in one process, 2026-11-29).
-DROPOUT_PRNGS = ("threefry2x32", "rbg")
+# How adapter-dropout masks are drawn, the default first (modeling/dropout.py). "hash": a
+# counter hash of each element's index keyed by two words drawn from a threefry2x32 key (the
+# same i.i.d. Bernoulli dropout as PEFT's, in distribution, and tested for it); "threefry2x32"
+# and "rbg": jax.random.bernoulli with keys of that implementation (nnx.Dropout's masks).
+# In the scanned SmolLM2-135M LoRA r8 step at 4 x 512 on a 2-core AMD EPYC, dropout by
+# threefry2x32 cost 1.4 s of a 13 s step and 5 s of its 30 s first call (timed against
+# dropout 0 with bench.train.jax_runner, 2026-11-29); rbg was slower than threefry2x32.
+DROPOUT_PRNGS = ("hash", "threefry2x32", "rbg")
 # What a decoder layer keeps for the backward pass (modeling.llama.REMAT): everything
 # ("none"), only its input ("full"), or the outputs of its matmuls ("dots_saveable"), of the
 # matmuls without a batch dimension, i.e. the projections but not the attention maps

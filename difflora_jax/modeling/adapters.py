@@ -27,6 +27,7 @@ from flax import nnx
 
 from difflora_jax.config import LORA_TARGETS, AdapterConfig, ModelConfig
 from difflora_jax.modeling.attention import attention, attention_probs, write_kv
+from difflora_jax.modeling.dropout import AdapterDropout
 from difflora_jax.modeling.llama import (
     Attention,
     LayerConstant,
@@ -82,9 +83,7 @@ class LowRank(nnx.Module):
             b = jnp.zeros((rank,) + self.out_shape, jnp.float32)
         self.a = AdapterParam(a, logical_axes=tuple(in_axes) + ("rank",))
         self.b = AdapterParam(b, logical_axes=("rank",) + tuple(out_axes))
-        self.dropout = nnx.data(
-            nnx.Dropout(dropout, deterministic=True, rngs=rngs) if dropout > 0 else None
-        )
+        self.dropout = nnx.data(AdapterDropout(dropout, rngs=rngs) if dropout > 0 else None)
 
     def delta(self) -> jax.Array:
         """The dense update this adapter adds to its base kernel: ``scale * A B``, float32
@@ -105,9 +104,7 @@ class FullRank(nnx.Module):
     def __init__(self, in_dim: int, out_shape, out_axes, *, dropout: float, rngs: nnx.Rngs):
         kernel = _uniform(rngs.params(), (in_dim, *out_shape), 1 / math.sqrt(in_dim))
         self.kernel = AdapterParam(kernel, logical_axes=("embed", *out_axes))
-        self.dropout = nnx.data(
-            nnx.Dropout(dropout, deterministic=True, rngs=rngs) if dropout > 0 else None
-        )
+        self.dropout = nnx.data(AdapterDropout(dropout, rngs=rngs) if dropout > 0 else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.dropout is not None:

@@ -43,6 +43,7 @@ from difflora_jax.config import AdapterConfig, load_yaml, save_yaml, to_dict
 from difflora_jax.errors import CheckpointError, ConfigError, DiffLoRAError
 from difflora_jax.losses import BATCH_KEYS
 from difflora_jax.modeling.adapters import apply_adapters, lambda_layers, write_back
+from difflora_jax.modeling.dropout import set_mask_generator
 from difflora_jax.modeling.llama import LlamaForCausalLM
 from difflora_jax.parallel import Rules, is_main_process, make_mesh, make_rules
 from difflora_jax.parallel.shard import (
@@ -100,13 +101,15 @@ class TrainResult:
 
 
 def reseed_dropout(model: nnx.Module, seed: int, impl: str = DROPOUT_PRNGS[0]) -> None:
-    """Give every dropout stream of ``model`` its own key of generator ``impl`` (see
-    ``TrainConfig.dropout_prng``) derived from ``seed`` (count 0)."""
+    """Give every dropout stream of ``model`` its own key derived from ``seed`` (count 0) and
+    draw masks with generator ``impl`` (``TrainConfig.dropout_prng``: ``hash`` uses
+    threefry2x32 keys and the counter-hash masks of ``modeling.dropout``)."""
+    set_mask_generator(model, "hash" if impl == "hash" else "bernoulli")
     keys = nnx.state(model, nnx.RngKey)
     if not jax.tree.leaves(keys):
         return
     pure = nnx.to_pure_dict(keys)
-    base = jax.random.key(seed, impl=impl)
+    base = jax.random.key(seed, impl="threefry2x32" if impl == "hash" else impl)
     leaves, treedef = jax.tree.flatten(pure)
     fresh = [jax.random.fold_in(base, i) for i in range(len(leaves))]
     nnx.replace_by_pure_dict(keys, jax.tree.unflatten(treedef, fresh))

@@ -216,7 +216,7 @@ def test_numbers_read_the_same_in_yaml_and_on_the_command_line(tmp_path):
 
 def test_dropout_generator_is_a_named_choice():
     config = load_train_config(None, ["model=m", "method=difflora-32", "output_dir=o"])
-    assert config.dropout_prng == "threefry2x32"
+    assert config.dropout_prng == "hash"
     assert (
         load_train_config(
             None, ["model=m", "method=lora-r8", "output_dir=o", "dropout_prng=rbg"]
