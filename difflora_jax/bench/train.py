@@ -7,7 +7,9 @@ the jitted step the training loop runs, for each method (dropout as in its YAML)
 ``--peers`` (CPU), the same step in PyTorch (float32, eager): ``peft`` LoRA for LoRA methods,
 the eager DiffLoRA attention of ``bench.peers`` for DiffLoRA methods, on the same weights.
 
-Each runner is called once (JAX: compilation included; reported as ``first call s``), then
+Each runner is called once (JAX: tracing and compilation included; reported as ``first call
+s``, and ``compile s`` = first call minus the median step: what the first call costs beyond a
+step), then
 ``repeats`` timed rounds run the runners interleaved (so bursts of outside load hit all of
 them); the median step is kept. ``tokens/s = B*T / step``. ``MFU`` = the step's model FLOPs
 (``modeling.flops``) per second over the matmul FLOP/s measured on the same device in the same
@@ -185,8 +187,8 @@ def render(runners: Sequence[Runner], matmul_flops: float, args: Any, took: floa
         "`difflora_jax/modeling/flops.py`).",
         "",
         "| implementation | method | B x T | setting | trainable | step s | tokens/s | "
-        "first call s | model GFLOP/step | MFU | vs peer |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "first call s | compile s | model GFLOP/step | MFU | vs peer |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runners:
         peer = _peer_of(r, runners) if r.implementation == OURS else None
@@ -195,6 +197,7 @@ def render(runners: Sequence[Runner], matmul_flops: float, args: Any, took: floa
         lines.append(
             f"| {r.implementation} | {r.method} | {r.shape[0]} x {r.shape[1]} | {r.setting} | "
             f"{r.trainable:,} | {r.step_s:.2f} | {r.tokens_per_s:,.0f} | {r.first_call_s:.1f} | "
+            f"{r.first_call_s - r.step_s:.1f} | "
             f"{r.flops / 1e9:,.0f} | {mfu:.1%} | {ratio} |"
         )
     ours = [r for r in runners if r.implementation == OURS]
