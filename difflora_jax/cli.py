@@ -218,6 +218,11 @@ def _add_bench_parser(commands) -> None:
         )
         p.add_argument("--torch-threads", type=_positive_int, default=len(os.sched_getaffinity(0)))
         p.add_argument("--write", help="write the section into this markdown file")
+        p.add_argument(
+            "--section",
+            default="",
+            help="name the section bench-KIND-SECTION (several runs of one kind in one file)",
+        )
         if name == "train":
             p.add_argument("--methods", default="lora-r8,difflora-32", help="comma-separated")
             p.add_argument("--batch", type=_positive_int, default=4)
@@ -461,7 +466,8 @@ def _bench(args: argparse.Namespace) -> None:
         section = generate.run(args)
     print(section)
     if args.write:
-        write_section(Path(args.write), f"bench-{args.kind}", section)
+        suffix = f"-{args.section}" if args.section else ""
+        write_section(Path(args.write), f"bench-{args.kind}{suffix}", section)
 
 
 def _export(args: argparse.Namespace) -> None:

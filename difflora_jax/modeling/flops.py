@@ -86,7 +86,7 @@ def prefill_flops(
     return batch * length * dense + head + _attention_forward(model, batch, length, causal)
 
 
-def measured_matmul_flops(dtype: str = "float32", size: int = 1024, repeats: int = 5) -> float:
+def measured_matmul_flops(dtype: str = "float32", size: int = 1024, repeats: int = 20) -> float:
     """FLOP/s of a jitted ``size``-cubed matmul on the default device, best of ``repeats`` (the
     denominator of model FLOP utilisation: what this machine's matmuls reach)."""
     key = jax.random.key(0)
