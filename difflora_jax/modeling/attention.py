@@ -8,6 +8,7 @@ attention path to optimise per backend.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -106,19 +107,8 @@ def attention(
             return _pallas_flash(query, key, value, segments, scale)
         backend = "xla"  # decoding against a cache: no causal self-attention to tile
     if backend == "xla":
-        if causal_block is not None and q_len == key.shape[1] and q_len > causal_block:
-            blocks = [
-                _dense(
-                    query[:, start : start + causal_block],
-                    key[:, : start + causal_block],
-                    value[:, : start + causal_block],
-                    mask[:, :, start : start + causal_block, : start + causal_block],
-                    scale,
-                )
-                for start in range(0, q_len, causal_block)
-            ]
-            return jnp.concatenate(blocks, axis=1)
-        return _dense(query, key, value, mask, scale)
+        causal = causal_block is not None and q_len == key.shape[1] and q_len > causal_block
+        return _xla_attention(query, key, value, mask, scale, causal_block if causal else None)
     if backend in ("jax", "cudnn"):
         return jax.nn.dot_product_attention(
             query,
@@ -171,11 +161,103 @@ def _pallas_flash(query, key, value, segments, scale: float) -> jax.Array:
     return jnp.asarray(out)[:, :length]
 
 
-def _dense(query, key, value, mask, scale: float) -> jax.Array:
+def _query_blocks(q_len: int, kv_len: int, block: int | None) -> list[tuple[int, int, int]]:
+    """``(start, stop, keys)`` per query block: its rows and how many leading keys it reads
+    (the causal prefix with blocks, every key without)."""
+    if block is None:
+        return [(0, q_len, kv_len)]
+    return [(s, min(s + block, q_len), min(s + block, q_len)) for s in range(0, q_len, block)]
+
+
+def _masked_logits(q, key, mask, scale: float) -> jax.Array:
+    """float32 ``[b, kv_heads, groups, t, s]`` scaled logits of grouped queries ``q`` ``[b, t,
+    kv_heads, groups, d]``, ``_MASK_VALUE`` where ``mask`` ``[b, 1, t, s]`` is False."""
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, key, preferred_element_type=jnp.float32)
+    return jnp.where(mask[:, :, None, :, :], logits * jnp.float32(scale), _MASK_VALUE)
+
+
+def _xla_forward(query, key, value, mask, scale: float, block: int | None):
+    """``(out, (top, total))``: the attention output ``[b, t, heads, d]`` and, per row, the
+    float32 maximum of its masked logits and the sum of their exponentials after subtracting it
+    (``[b, kv_heads, groups, t, 1]``), from which the backward recomputes the probabilities
+    exactly. (Not one log-sum-exp: in a row without a valid key ``top + log(total)`` rounds
+    to ``top``.)"""
     batch, q_len, heads, head_dim = query.shape
-    probs = attention_probs(query, key, mask, scale=scale).astype(value.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, value, preferred_element_type=jnp.float32)
-    return out.reshape(batch, q_len, heads, head_dim).astype(query.dtype)
+    kv_heads = key.shape[2]
+    q = query.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+    outs, tops, totals = [], [], []
+    for start, stop, n in _query_blocks(q_len, key.shape[1], block):
+        logits = _masked_logits(q[:, start:stop], key[:, :n], mask[:, :, start:stop, :n], scale)
+        top = jnp.max(logits, axis=-1, keepdims=True)
+        unnormalized = jnp.exp(logits - top)
+        total = jnp.sum(unnormalized, axis=-1, keepdims=True)
+        probs = (unnormalized / total).astype(value.dtype)
+        out = jnp.einsum(
+            "bkgts,bskd->btkgd", probs, value[:, :n], preferred_element_type=jnp.float32
+        )
+        outs.append(out.astype(query.dtype))
+        tops.append(top)
+        totals.append(total)
+    out = outs[0]
+    if len(outs) > 1:
+        out = jnp.concatenate(outs, axis=1)
+        tops, totals = [jnp.concatenate(tops, axis=-2)], [jnp.concatenate(totals, axis=-2)]
+    return out.reshape(batch, q_len, heads, head_dim), (tops[0], totals[0])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _xla_attention(query, key, value, mask, scale: float, block: int | None) -> jax.Array:
+    """Softmax attention on the XLA path, in query blocks (``block``: causal prefixes) or one
+    dense block (None). Its backward recomputes each block's probabilities from the queries,
+    keys and each row's saved maximum and normaliser (as flash attention does), so training keeps
+    ``q, k, v``, the output and one float per row instead of every block's logits, exponentials
+    and probabilities: the attention's share of a layer's saved activations drops about 5x, and
+    recomputing the logits is cheaper on a CPU than writing and reading them back."""
+    return _xla_forward(query, key, value, mask, scale, block)[0]
+
+
+def _xla_attention_fwd(query, key, value, mask, scale, block):
+    out, (top, total) = _xla_forward(query, key, value, mask, scale, block)
+    return out, (query, key, value, mask, out, top, total)
+
+
+def _xla_attention_bwd(scale, block, residuals, d_out):
+    query, key, value, mask, out, top, total = residuals
+    batch, q_len, heads, head_dim = query.shape
+    kv_heads = key.shape[2]
+    grouped = (batch, q_len, kv_heads, heads // kv_heads, head_dim)
+    q = query.reshape(grouped)
+    d_out = d_out.reshape(grouped).astype(jnp.float32)
+    # D = rowsum(dO * O) = sum_s P dP: the softmax backward's per-row term, [b, k, g, t]
+    delta = jnp.einsum("btkgd,btkgd->bkgt", d_out, out.reshape(grouped).astype(jnp.float32))
+    f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+    d_query, d_key, d_value = (
+        [],
+        jnp.zeros(key.shape, jnp.float32),
+        jnp.zeros(value.shape, jnp.float32),
+    )
+    for start, stop, n in _query_blocks(q_len, key.shape[1], block):
+        block_mask = mask[:, :, None, start:stop, :n]
+        logits = _masked_logits(q[:, start:stop], key[:, :n], mask[:, :, start:stop, :n], scale)
+        probs = jnp.exp(logits - top[..., start:stop, :]) / total[..., start:stop, :]
+        d_o = d_out[:, start:stop]
+        d_value = d_value.at[:, :n].add(f32("bkgts,btkgd->bskd", probs, d_o))
+        d_probs = f32("btkgd,bskd->bkgts", d_o, value[:, :n])
+        # masked logits are constants: no gradient there, even in rows without a valid key
+        d_logits = jnp.where(block_mask, probs * (d_probs - delta[..., start:stop, None]), 0.0)
+        d_logits = d_logits * jnp.float32(scale)
+        d_query.append(f32("bkgts,bskd->btkgd", d_logits, key[:, :n]))
+        d_key = d_key.at[:, :n].add(f32("bkgts,btkgd->bskd", d_logits, q[:, start:stop]))
+    d_query = d_query[0] if len(d_query) == 1 else jnp.concatenate(d_query, axis=1)
+    return (
+        d_query.reshape(query.shape).astype(query.dtype),
+        d_key.astype(key.dtype),
+        d_value.astype(value.dtype),
+        None,
+    )
+
+
+_xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
 
 
 def attention_probs(

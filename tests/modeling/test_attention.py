@@ -59,6 +59,51 @@ def test_blocked_equals_dense(heads, kv_heads, block):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
 
 
+def _reference_attention(q, k, v, mask):
+    """Textbook grouped-query softmax attention, differentiated by JAX's autodiff (no custom
+    backward): each key head repeated over its query heads, masked logits, softmax, sum."""
+    groups = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    logits = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
+    logits = jnp.where(mask, logits, -1e30)
+    return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(logits, axis=-1), v)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (6, 1)], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("block", [None, 8, 5])
+def test_xla_path_and_its_recomputing_backward_equal_autodiff_of_the_textbook_formula(
+    heads, kv_heads, block
+):
+    """The XLA path's custom backward (probabilities recomputed from each row's saved maximum
+    and normaliser) gives autodiff's gradients of the plain formula. Without blocks at every
+    row, rows without a valid key (left padding) included: their output is the mean of the
+    values and their logits get no gradient. With blocks such a row averages only its block's
+    key prefix, so there the rows without a valid key are left out (don't-care rows)."""
+    q, k, v, mask, valid = _inputs(heads, kv_heads, seed=1)
+    rows = np.ones_like(valid) if block is None else valid
+    weights = np.random.default_rng(2).standard_normal((2, LENGTH, heads, 8))
+    weights = jnp.asarray(weights * rows[:, :, None, None], jnp.float32)
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v) * weights)
+
+    ours = lambda q, k, v: attention(q, k, v, mask, causal_block=block)  # noqa: E731
+    reference = lambda q, k, v: _reference_attention(q, k, v, mask.dense)  # noqa: E731
+    np.testing.assert_allclose(
+        np.asarray(ours(q, k, v))[rows], np.asarray(reference(q, k, v))[rows], rtol=1e-5, atol=1e-6
+    )
+    got = jax.grad(loss, argnums=(1, 2, 3))(ours, q, k, v)
+    want = jax.grad(loss, argnums=(1, 2, 3))(reference, q, k, v)
+    for name, g, w in zip("qkv", got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=2e-6, err_msg=name)
+    # under jit and remat too (the training step's setting)
+    remat = jax.jit(
+        jax.grad(lambda q, k, v: loss(jax.checkpoint(ours), q, k, v), argnums=(0, 1, 2))
+    )
+    for name, g, w in zip("qkv", remat(q, k, v), want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=2e-6, err_msg=name)
+
+
 def test_blocks_are_only_used_where_the_caller_says_the_mask_is_causal():
     q, k, v, mask, _ = _inputs(4, 2)
     full = jnp.ones_like(mask.dense)  # a non-causal mask: every query sees every key
