@@ -17,6 +17,7 @@ Parameter names inside an adapted layer (paper vocabulary):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeGuard
@@ -27,7 +28,7 @@ from flax import nnx
 
 from difflora_jax.config import LORA_TARGETS, AdapterConfig, ModelConfig
 from difflora_jax.modeling.attention import attention, attention_probs, write_kv
-from difflora_jax.modeling.dropout import AdapterDropout
+from difflora_jax.modeling.dropout import AdapterDropout, apply_keep_mask, keep_mask_from_words
 from difflora_jax.modeling.llama import (
     Attention,
     LayerConstant,
@@ -91,11 +92,55 @@ class LowRank(nnx.Module):
         return self.scale * jnp.tensordot(self.a[...], self.b[...], axes=1)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.dropout is not None:
-            x = self.dropout(x)
-        # two 2-D matmuls (see llama.flat_matmul): [tokens, in] @ [in, r] @ [r, out]
-        h = flat_matmul(x, self.a[...], len(self.in_shape), (self.a.shape[-1],))
-        return flat_matmul(h, self.b[...], 1, self.out_shape) * self.scale
+        dropout = self.dropout
+        if dropout is not None:
+            words = dropout.hash_words()
+            if words is not None:  # hash dropout: the backward recomputes the mask
+                a, b = self.a[...], self.b[...]
+                return _dropout_low_rank(x, a, b, words, dropout.rate, self.scale, self.out_shape)
+            x = dropout(x)
+        return _low_rank(x, self.a[...], self.b[...], self.scale, self.out_shape)
+
+
+def _low_rank(x, a, b, scale: float, out_shape: tuple[int, ...]) -> jax.Array:
+    """``scale * x A B`` as two 2-D matmuls (see ``llama.flat_matmul``): ``[tokens, in] @ [in,
+    r] @ [r, out]``."""
+    h = flat_matmul(x, a, a.ndim - 1, (a.shape[-1],))
+    return flat_matmul(h, b, 1, out_shape) * scale
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _dropout_low_rank(x, a, b, words, rate: float, scale: float, out_shape) -> jax.Array:
+    """``scale * dropout(x) A B`` with the hash mask of ``words`` (``dropout.apply_keep_mask``).
+
+    Autodiff would keep, per adapter, the boolean mask and the dropped-out copy of ``x`` for the
+    backward pass; here the backward keeps ``x`` (one array however many adapters read it: the
+    q, k and v adapters share their input) and the rank-sized ``dropout(x) A``, and recomputes
+    the mask from the two words, which XLA fuses into the matmul operands. The same numbers."""
+    return _low_rank(apply_keep_mask(x, words, rate), a, b, scale, out_shape)
+
+
+def _dropout_low_rank_fwd(x, a, b, words, rate, scale, out_shape):
+    h = flat_matmul(apply_keep_mask(x, words, rate), a, a.ndim - 1, (a.shape[-1],))
+    return flat_matmul(h, b, 1, out_shape) * scale, (x, a, b, words, h)
+
+
+def _dropout_low_rank_bwd(rate, scale, out_shape, residuals, d_y):
+    x, a, b, words, h = residuals
+    rank = a.shape[-1]
+    a2, b2 = a.reshape(-1, rank), b.reshape(rank, -1)
+    d_y = d_y.reshape(-1, b2.shape[1]).astype(b.dtype) * jnp.asarray(scale, b.dtype)
+    d_h = d_y @ b2.T  # [tokens, rank]
+    d_b = h.reshape(-1, rank).T @ d_y
+    dropped = apply_keep_mask(x, words, rate).reshape(-1, a2.shape[0]).astype(a.dtype)
+    d_a = dropped.T @ d_h
+    keep = keep_mask_from_words(words, x.shape, rate)
+    d_dropped = (d_h @ a2.T).reshape(x.shape).astype(x.dtype)
+    d_x = jnp.where(keep, d_dropped / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(d_dropped))
+    return d_x, d_a.reshape(a.shape), d_b.reshape(b.shape), None
+
+
+_dropout_low_rank.defvjp(_dropout_low_rank_fwd, _dropout_low_rank_bwd)
 
 
 class FullRank(nnx.Module):

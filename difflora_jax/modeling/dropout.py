@@ -46,7 +46,18 @@ def hash_keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.A
     The leading axes are flattened to rows (at most 2**32 of them) and the last axis is the
     column; each row gets its own hashed word, each element a hash of that word and its
     column."""
-    words = jax.random.bits(key, (2,), jnp.uint32)
+    return keep_mask_from_words(hash_words(key), shape, rate)
+
+
+def hash_words(key: jax.Array) -> jax.Array:
+    """The two uint32 words that :func:`keep_mask_from_words` hashes with, drawn from ``key``."""
+    return jax.random.bits(key, (2,), jnp.uint32)
+
+
+def keep_mask_from_words(words: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
+    """The keep mask of :func:`hash_keep_mask` from its two ``words`` (``hash_words(key)``): a
+    pure function of the words and each element's index, so a backward pass can recompute it
+    instead of storing it."""
     rows, cols = math.prod(shape[:-1]), shape[-1]
     if rows >= 2**32 or cols >= 2**32:
         raise ValueError(f"dropout mask of shape {shape}: more than 2**32 rows or columns")
@@ -57,6 +68,13 @@ def hash_keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.A
     threshold = jnp.uint32(round(rate * 2**_THRESHOLD_BITS))
     keep = (h >> (32 - _THRESHOLD_BITS)) >= threshold
     return keep.reshape(shape)
+
+
+def apply_keep_mask(x: jax.Array, words: jax.Array, rate: float) -> jax.Array:
+    """Dropout of ``x`` by the hash mask of ``words``: kept elements scaled by ``1 / (1 -
+    rate)``, the others zero."""
+    keep = keep_mask_from_words(words, x.shape, rate)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
 
 
 class AdapterDropout(nnx.Dropout):
@@ -72,18 +90,26 @@ class AdapterDropout(nnx.Dropout):
         off = self.deterministic if deterministic is None else deterministic
         if self.generator == "bernoulli" or off or self.rate == 0.0 or self.rate == 1.0:
             return super().__call__(inputs, deterministic=deterministic, rngs=rngs)
+        return apply_keep_mask(inputs, hash_words(self._next_key(rngs)), self.rate)
+
+    def hash_words(self) -> jax.Array | None:
+        """The next call's hash-mask words (advancing the stream as that call would), or None
+        when this dropout would not draw a hash mask (bernoulli generator, off, rate 0 or 1).
+        For callers that apply the mask themselves (``apply_keep_mask``) so that their backward
+        can recompute it."""
+        if self.generator == "bernoulli" or self.deterministic or self.rate in (0.0, 1.0):
+            return None
+        return hash_words(self._next_key(None))
+
+    def _next_key(self, rngs) -> jax.Array:
         stream = self.rngs if rngs is None else rngs
         if isinstance(stream, nnx.Rngs):
-            key = stream[self.rng_collection]()
-        elif isinstance(stream, nnx.RngStream):
-            key = stream()
-        elif isinstance(stream, jax.Array):
-            key = stream
-        else:
-            raise TypeError(f"dropout needs an Rngs, RngStream or key, got {type(stream)}")
-        keep = hash_keep_mask(key, inputs.shape, self.rate)
-        scaled = inputs / jnp.asarray(1.0 - self.rate, inputs.dtype)
-        return jnp.where(keep, scaled, jnp.zeros_like(inputs))
+            return stream[self.rng_collection]()
+        if isinstance(stream, nnx.RngStream):
+            return stream()
+        if isinstance(stream, jax.Array):
+            return stream
+        raise TypeError(f"dropout needs an Rngs, RngStream or key, got {type(stream)}")
 
 
 def set_mask_generator(model: nnx.Module, generator: str) -> None:

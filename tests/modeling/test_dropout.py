@@ -87,3 +87,44 @@ def test_bernoulli_generator_is_nnx_dropout():
 def test_unknown_generator_is_refused():
     with pytest.raises(ValueError, match="mask generator 'philox'"):
         set_mask_generator(AdapterDropout(0.1, rngs=nnx.Rngs(0)), "philox")
+
+
+@pytest.mark.parametrize("in_shape", [(12,), (3, 4)], ids=["vector-in", "heads-in"])
+def test_low_rank_adapter_backward_recomputes_the_mask_and_equals_autodiff(in_shape):
+    """A LoRA adapter under hash dropout keeps no mask for its backward (it recomputes the mask
+    from the key's words); its output and gradients equal autodiff of the plain formula
+    ``scale * dropout(x) A B`` with the same mask, and consecutive calls draw new masks."""
+    from difflora_jax.modeling.adapters import AdapterParam, LowRank
+
+    adapter = LowRank(
+        in_shape, (5,), ("a",) * len(in_shape), ("b",), rank=3, scale=1.7, dropout=0.3,
+        init="kaiming", b_init="kaiming", rngs=nnx.Rngs(params=0, dropout=1),
+    )  # fmt: skip
+    dropout = adapter.dropout
+    assert isinstance(dropout, AdapterDropout) and isinstance(dropout.rngs, nnx.RngStream)
+    dropout.deterministic = False
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 7, *in_shape)), jnp.float32)
+    weights = jnp.asarray(np.random.default_rng(1).standard_normal((2, 7, 5)), jnp.float32)
+    a, b = adapter.a[...], adapter.b[...]
+
+    def plain(x, a, b, key):  # what autodiff sees: the mask applied, then the two matmuls
+        dropped = jnp.where(hash_keep_mask(key, x.shape, 0.3), x / 0.7, 0.0)
+        return 1.7 * jnp.einsum("...r,ro->...o", jnp.tensordot(dropped, a, len(in_shape)), b)
+
+    for _ in range(2):  # each call advances the stream: the reference follows it
+        stream = dropout.rngs
+        key = jax.random.fold_in(stream.key[...], stream.count[...])  # what the call will draw
+        graphdef, params, rng, rest = nnx.split(adapter, AdapterParam, nnx.RngState, ...)
+        params, rng = nnx.to_pure_dict(params), nnx.to_pure_dict(rng)
+
+        def ours(x, params, rng, graphdef=graphdef, rest=rest):
+            return jnp.sum(nnx.merge(graphdef, params, rng, rest)(x) * weights)
+
+        d_x, d_params = jax.grad(ours, argnums=(0, 1))(x, params, rng)
+        got = (d_x, d_params["a"], d_params["b"])
+        want = jax.grad(lambda x, a, b, k=key: jnp.sum(plain(x, a, b, k) * weights), (0, 1, 2))(
+            x, a, b
+        )
+        for name, g, w in zip(("x", "A", "B"), got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(adapter(x), plain(x, a, b, key), rtol=1e-5, atol=1e-6)
