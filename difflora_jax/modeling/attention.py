@@ -169,90 +169,106 @@ def _query_blocks(q_len: int, kv_len: int, block: int | None) -> list[tuple[int,
     return [(s, min(s + block, q_len), min(s + block, q_len)) for s in range(0, q_len, block)]
 
 
-def _masked_logits(q, key, mask, scale: float) -> jax.Array:
-    """float32 ``[b, kv_heads, groups, t, s]`` scaled logits of grouped queries ``q`` ``[b, t,
-    kv_heads, groups, d]``, ``_MASK_VALUE`` where ``mask`` ``[b, 1, t, s]`` is False."""
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, key, preferred_element_type=jnp.float32)
+def _heads_major(query, key, value) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Queries ``[b, kv_heads, groups, t, d]``, keys and values ``[b, kv_heads, s, d]``: the
+    layout the blocks' batched matmuls read, made once per call (transposing per block, inside
+    each einsum, cost the 4 x 512 LoRA step about 7%)."""
+    batch, q_len, heads, head_dim = query.shape
+    kv_heads = key.shape[2]
+    q = query.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
+    return q, key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
+
+
+def _masked_logits(q, k, mask, scale: float) -> jax.Array:
+    """float32 scaled logits ``[b, kv_heads, groups, t, s]`` of head-major ``q`` and ``k``,
+    ``_MASK_VALUE`` where ``mask`` ``[b, 1, t, s]`` is False."""
+    logits = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
     return jnp.where(mask[:, :, None, :, :], logits * jnp.float32(scale), _MASK_VALUE)
 
 
-def _xla_forward(query, key, value, mask, scale: float, block: int | None):
-    """``(out, (top, total))``: the attention output ``[b, t, heads, d]`` and, per row, the
-    float32 maximum of its masked logits and the sum of their exponentials after subtracting it
-    (``[b, kv_heads, groups, t, 1]``), from which the backward recomputes the probabilities
-    exactly. (Not one log-sum-exp: in a row without a valid key ``top + log(total)`` rounds
-    to ``top``.)"""
-    batch, q_len, heads, head_dim = query.shape
-    kv_heads = key.shape[2]
-    q = query.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+def _blocks_forward(q, k, v, mask, scale: float, block: int | None, out_dtype):
+    """``(out, top, total)`` of head-major inputs: the output ``[b, kv_heads, groups, t, d]``
+    and, per row, the float32 maximum of its masked logits and the sum of their exponentials
+    after subtracting it (``[b, kv_heads, groups, t, 1]``), from which the backward recomputes
+    the probabilities exactly. (Not one log-sum-exp: in a row without a valid key ``top +
+    log(total)`` rounds to ``top``.)"""
     outs, tops, totals = [], [], []
-    for start, stop, n in _query_blocks(q_len, key.shape[1], block):
-        logits = _masked_logits(q[:, start:stop], key[:, :n], mask[:, :, start:stop, :n], scale)
+    for start, stop, n in _query_blocks(q.shape[3], k.shape[2], block):
+        logits = _masked_logits(
+            q[:, :, :, start:stop], k[:, :, :n], mask[:, :, start:stop, :n], scale
+        )
         top = jnp.max(logits, axis=-1, keepdims=True)
         unnormalized = jnp.exp(logits - top)
         total = jnp.sum(unnormalized, axis=-1, keepdims=True)
-        probs = (unnormalized / total).astype(value.dtype)
+        probs = (unnormalized / total).astype(v.dtype)
         out = jnp.einsum(
-            "bkgts,bskd->btkgd", probs, value[:, :n], preferred_element_type=jnp.float32
+            "bkgts,bksd->bkgtd", probs, v[:, :, :n], preferred_element_type=jnp.float32
         )
-        outs.append(out.astype(query.dtype))
+        outs.append(out.astype(out_dtype))
         tops.append(top)
         totals.append(total)
-    out = outs[0]
-    if len(outs) > 1:
-        out = jnp.concatenate(outs, axis=1)
-        tops, totals = [jnp.concatenate(tops, axis=-2)], [jnp.concatenate(totals, axis=-2)]
-    return out.reshape(batch, q_len, heads, head_dim), (tops[0], totals[0])
+    if len(outs) == 1:
+        return outs[0], tops[0], totals[0]
+    cat = functools.partial(jnp.concatenate, axis=3)
+    return cat(outs), cat(tops), cat(totals)
+
+
+def _from_heads_major(out_h: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """``[b, kv_heads, groups, t, d]`` back to ``shape`` ``[b, t, heads, d]``."""
+    return out_h.transpose(0, 3, 1, 2, 4).reshape(shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _xla_attention(query, key, value, mask, scale: float, block: int | None) -> jax.Array:
     """Softmax attention on the XLA path, in query blocks (``block``: causal prefixes) or one
     dense block (None). Its backward recomputes each block's probabilities from the queries,
-    keys and each row's saved maximum and normaliser (as flash attention does), so training keeps
-    ``q, k, v``, the output and one float per row instead of every block's logits, exponentials
-    and probabilities: the attention's share of a layer's saved activations drops about 5x, and
-    recomputing the logits is cheaper on a CPU than writing and reading them back."""
-    return _xla_forward(query, key, value, mask, scale, block)[0]
+    keys and each row's saved maximum and normaliser (as flash attention does), so training
+    keeps ``q, k, v``, the output and two floats per row instead of every block's logits,
+    exponentials, probabilities and mask: recomputing the logits is cheaper on a CPU than
+    writing and reading them back, and long sequences fit (DiffLoRA at 1 x 2048 ran out of 24
+    GiB with autodiff's residuals)."""
+    q, k, v = _heads_major(query, key, value)
+    return _from_heads_major(
+        _blocks_forward(q, k, v, mask, scale, block, query.dtype)[0], query.shape
+    )
 
 
 def _xla_attention_fwd(query, key, value, mask, scale, block):
-    out, (top, total) = _xla_forward(query, key, value, mask, scale, block)
-    return out, (query, key, value, mask, out, top, total)
+    q, k, v = _heads_major(query, key, value)
+    out_h, top, total = _blocks_forward(q, k, v, mask, scale, block, query.dtype)
+    return _from_heads_major(out_h, query.shape), (q, k, v, mask, out_h, top, total)
 
 
 def _xla_attention_bwd(scale, block, residuals, d_out):
-    query, key, value, mask, out, top, total = residuals
-    batch, q_len, heads, head_dim = query.shape
-    kv_heads = key.shape[2]
-    grouped = (batch, q_len, kv_heads, heads // kv_heads, head_dim)
-    q = query.reshape(grouped)
-    d_out = d_out.reshape(grouped).astype(jnp.float32)
+    q, k, v, mask, out_h, top, total = residuals
+    batch, kv_heads, groups, q_len, head_dim = q.shape
+    d_o = d_out.reshape(batch, q_len, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+    d_o = d_o.astype(jnp.float32)
     # D = rowsum(dO * O) = sum_s P dP: the softmax backward's per-row term, [b, k, g, t]
-    delta = jnp.einsum("btkgd,btkgd->bkgt", d_out, out.reshape(grouped).astype(jnp.float32))
+    delta = jnp.einsum("bkgtd,bkgtd->bkgt", d_o, out_h.astype(jnp.float32))
     f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
-    d_query, d_key, d_value = (
-        [],
-        jnp.zeros(key.shape, jnp.float32),
-        jnp.zeros(value.shape, jnp.float32),
-    )
-    for start, stop, n in _query_blocks(q_len, key.shape[1], block):
-        block_mask = mask[:, :, None, start:stop, :n]
-        logits = _masked_logits(q[:, start:stop], key[:, :n], mask[:, :, start:stop, :n], scale)
-        probs = jnp.exp(logits - top[..., start:stop, :]) / total[..., start:stop, :]
-        d_o = d_out[:, start:stop]
-        d_value = d_value.at[:, :n].add(f32("bkgts,btkgd->bskd", probs, d_o))
-        d_probs = f32("btkgd,bskd->bkgts", d_o, value[:, :n])
+    d_q, d_k, d_v = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+    for start, stop, n in _query_blocks(q_len, k.shape[2], block):
+        q_i = q[:, :, :, start:stop]
+        logits = _masked_logits(q_i, k[:, :, :n], mask[:, :, start:stop, :n], scale)
+        probs = jnp.exp(logits - top[:, :, :, start:stop]) / total[:, :, :, start:stop]
+        d_o_i = d_o[:, :, :, start:stop]
+        d_v = d_v.at[:, :, :n].add(f32("bkgts,bkgtd->bksd", probs, d_o_i))
+        d_probs = f32("bkgtd,bksd->bkgts", d_o_i, v[:, :, :n])
         # masked logits are constants: no gradient there, even in rows without a valid key
-        d_logits = jnp.where(block_mask, probs * (d_probs - delta[..., start:stop, None]), 0.0)
-        d_logits = d_logits * jnp.float32(scale)
-        d_query.append(f32("bkgts,bskd->btkgd", d_logits, key[:, :n]))
-        d_key = d_key.at[:, :n].add(f32("bkgts,btkgd->bskd", d_logits, q[:, start:stop]))
-    d_query = d_query[0] if len(d_query) == 1 else jnp.concatenate(d_query, axis=1)
+        d_logits = jnp.where(
+            mask[:, :, None, start:stop, :n],
+            probs * (d_probs - delta[:, :, :, start:stop, None]),
+            0.0,
+        ) * jnp.float32(scale)
+        d_q.append(f32("bkgts,bksd->bkgtd", d_logits, k[:, :, :n]))
+        d_k = d_k.at[:, :, :n].add(f32("bkgts,bkgtd->bksd", d_logits, q_i))
+    d_q = d_q[0] if len(d_q) == 1 else jnp.concatenate(d_q, axis=3)
+    shape = (batch, q_len, kv_heads * groups, head_dim)
     return (
-        d_query.reshape(query.shape).astype(query.dtype),
-        d_key.astype(key.dtype),
-        d_value.astype(value.dtype),
+        _from_heads_major(d_q, shape).astype(q.dtype),
+        d_k.transpose(0, 2, 1, 3).astype(k.dtype),
+        d_v.transpose(0, 2, 1, 3).astype(v.dtype),
         None,
     )
 
