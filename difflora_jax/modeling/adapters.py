@@ -117,7 +117,7 @@ def _dropout_low_rank(x, a, b, words, rate: float, scale: float, out_shape) -> j
     backward pass; here the backward keeps ``x`` (one array however many adapters read it: the
     q, k and v adapters share their input) and the rank-sized ``dropout(x) A``, and recomputes
     the mask from the two words, which XLA fuses into the matmul operands. The same numbers."""
-    return _low_rank(apply_keep_mask(x, words, rate), a, b, scale, out_shape)
+    return _dropout_low_rank_fwd(x, a, b, words, rate, scale, out_shape)[0]
 
 
 def _dropout_low_rank_fwd(x, a, b, words, rate, scale, out_shape):

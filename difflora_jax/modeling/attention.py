@@ -227,10 +227,7 @@ def _xla_attention(query, key, value, mask, scale: float, block: int | None) -> 
     exponentials, probabilities and mask: recomputing the logits is cheaper on a CPU than
     writing and reading them back, and long sequences fit (DiffLoRA at 1 x 2048 ran out of 24
     GiB with autodiff's residuals)."""
-    q, k, v = _heads_major(query, key, value)
-    return _from_heads_major(
-        _blocks_forward(q, k, v, mask, scale, block, query.dtype)[0], query.shape
-    )
+    return _xla_attention_fwd(query, key, value, mask, scale, block)[0]
 
 
 def _xla_attention_fwd(query, key, value, mask, scale, block):
