@@ -74,8 +74,8 @@ def left_pad(
 
 @jax.jit(static_argnums=(0,))
 def stack_layers(graphdef: nnx.GraphDef, state: nnx.State) -> tuple[nnx.State, ...]:
-    """``model.stack_layers()`` of ``nnx.split(model)``, jitted: what ``prefill`` and decoding
-    read instead of the per-layer weights (stacked once per generation call, not per token)."""
+    """``model.stack_layers()`` of ``nnx.split(model)``, jitted: what ``prefill`` reads instead
+    of the per-layer weights (stacked once per generation call)."""
     return nnx.merge(graphdef, state).stack_layers()
 
 
@@ -100,12 +100,11 @@ def prefill(
 
 
 @jit_donating(
-    static_argnums=(0,), static_argnames=("steps", "greedy", "nucleus"), donate_argnums=(3,)
+    static_argnums=(0,), static_argnames=("steps", "greedy", "nucleus"), donate_argnums=(2,)
 )
 def _decode_chunk(
     graphdef,
     state,
-    stacks,
     cache,
     logits,
     positions,
@@ -121,7 +120,9 @@ def _decode_chunk(
     greedy: bool,
     nucleus: bool,
 ):
-    """``steps`` decode steps. Returns tokens ``[batch, steps]``, emitted flags, and the carry."""
+    """``steps`` decode steps. Returns tokens ``[batch, steps]``, emitted flags, and the carry.
+    The layers run unrolled on their own weights (``forward(scan=False)``): a step of one token
+    is bound by reading the weights, which a scan would first copy out of their stack."""
     model = nnx.merge(graphdef, state)
 
     def step(carry, i):
@@ -134,7 +135,7 @@ def _decode_chunk(
         done = done | jnp.isin(token, eos_ids)
         ones = jnp.ones((token.shape[0], 1), jnp.int32)
         new_logits, cache = model.forward(
-            token[:, None], ones, positions=positions[:, None], cache=cache, stacks=stacks
+            token[:, None], ones, positions=positions[:, None], cache=cache, scan=False
         )
         return (cache, new_logits[:, 0], positions + 1, done), (token, emitted)
 
@@ -266,6 +267,7 @@ def _generate_ids(
         )
     stacks = stack_layers(graphdef, state)
     logits, cache = prefill(graphdef, state, stacks, ids_in, mask_in, positions_in, cache)
+    del stacks  # decoding reads the per-layer weights
     next_positions = jnp.asarray(positions[:, -1] + 1)
     done = jnp.zeros((batch,), bool)
     key = jax.random.key(seed)
@@ -279,7 +281,6 @@ def _generate_ids(
         tokens, emitted, cache, logits, next_positions, done = _decode_chunk(
             graphdef,
             state,
-            stacks,
             cache,
             logits,
             next_positions,

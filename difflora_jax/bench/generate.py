@@ -11,10 +11,12 @@ times after a warm-up call (medians kept):
   the call its ``generate`` starts with;
 * **generate**: the public call end to end, ``generate_ids`` / ``model.generate``.
 
-``decode = generate - prefill`` (host loop included); ``decode tok/s = B*N / decode``. Our
-compile time is the first ``generate_ids`` call minus the median steady one. With ``--peers``
-(CPU) transformers runs on the same weights, the two sides alternating per round; ratios are
-ours / transformers. The greedy tokens are compared per row as a sanity check.
+``decode = generate - prefill`` (host loop included, and the stacking of the layer weights
+that ``generate_ids`` does once per call for the prefill's scan, which the timed prefill is
+given ready); ``decode tok/s = B*N / decode``. Our compile time is the first ``generate_ids``
+call minus the median steady one. With ``--peers`` (CPU) transformers runs on the same
+weights, the two sides alternating per round; ratios are ours / transformers. The greedy tokens
+are compared per row as a sanity check.
 """
 
 from __future__ import annotations
@@ -179,7 +181,8 @@ def _render(rows, model, matmul, args, took, info) -> str:
         f"Model: {args.model}, {args.dtype}"
         + (f", with {args.method} adapters" if args.method else "")
         + f". Greedy; B prompts of exactly {p} random token ids; exactly {n} new tokens. "
-        f"Medians of {args.repeats} timed runs after a warm-up. decode = generate - prefill. "
+        f"Medians of {args.repeats} timed runs after a warm-up. decode = generate - prefill "
+        "(ours: with the once-per-call stacking of the layer weights for the prefill's scan). "
         f"Prefill MFU against the {matmul / 1e9:,.1f} GFLOP/s measured here (best of "
         "matmul timings before and after).",
         "",

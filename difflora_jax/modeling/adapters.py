@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from difflora_jax.config import LORA_TARGETS, AdapterConfig, ModelConfig
-from difflora_jax.modeling.attention import attention, attention_probs, write_kv
+from difflora_jax.modeling.attention import attention, attention_probs
 from difflora_jax.modeling.dropout import AdapterDropout, apply_keep_mask, keep_mask_from_words
 from difflora_jax.modeling.llama import (
     Attention,
@@ -314,9 +314,7 @@ class DifferentialAttention(nnx.Module):
         value = self.values(x)
         if kv_cache is not None:
             assert cache_index is not None  # a cache comes with the slot to write
-            keys = write_kv(kv_cache[0], keys, cache_index)
-            value = write_kv(kv_cache[1], value, cache_index)
-            kv_cache = (keys, value)
+            kv_cache, keys, value = kv_cache.write(keys, value, cache_index)
         lam = self.lambda_value()
         if self.relu_on_differential:
             kv = self.num_kv_heads

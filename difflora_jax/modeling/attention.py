@@ -357,6 +357,29 @@ class KVCache:
         raise IndexError("layer index out of range")
 
 
-def write_kv(cache_kv: jax.Array, new_kv: jax.Array, index: jax.Array) -> jax.Array:
-    """Write ``new_kv`` ``[batch, n, kv_heads, head_dim]`` into the cache at slot ``index``."""
-    return jax.lax.dynamic_update_slice_in_dim(cache_kv, new_kv.astype(cache_kv.dtype), index, 1)
+@struct.dataclass
+class LayerCache:
+    """One layer's place in a run of the KV cache: the run's stacked ``keys`` and ``values``
+    (``[run length, batch, max_length, heads, head_dim]``, as in ``KVCache``) and the layer's
+    index ``layer`` in them.
+
+    ``write`` puts new tokens into the stacks in place, so a decoding step writes one slot per
+    layer, not a copy of the layer's whole cache (which costs a step time linear in the cache
+    length). A static ``layer`` (unrolled layers) makes the layer's slice a view."""
+
+    keys: jax.Array
+    values: jax.Array
+    layer: jax.Array | int
+
+    def write(
+        self, key: jax.Array, value: jax.Array, index: jax.Array
+    ) -> tuple[LayerCache, jax.Array, jax.Array]:
+        """Write ``key`` and ``value`` ``[batch, n, heads, head_dim]`` at slot ``index``; returns
+        the updated cache and this layer's keys and values ``[batch, max_length, heads,
+        head_dim]`` with them in place."""
+        at = (self.layer, 0, index, 0, 0)
+        keys = jax.lax.dynamic_update_slice(self.keys, key[None].astype(self.keys.dtype), at)
+        values = jax.lax.dynamic_update_slice(
+            self.values, value[None].astype(self.values.dtype), at
+        )
+        return LayerCache(keys, values, self.layer), keys[self.layer], values[self.layer]

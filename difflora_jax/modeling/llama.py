@@ -38,10 +38,10 @@ from difflora_jax.modeling.attention import (
     DEFAULT_CAUSAL_BLOCK,
     AttentionMask,
     KVCache,
+    LayerCache,
     attention,
     attention_probs,
     make_attention_mask,
-    write_kv,
 )
 from difflora_jax.modeling.rope import apply_rope, inverse_frequencies, rope_angles
 from difflora_jax.parallel import constrain
@@ -59,8 +59,6 @@ REMAT = {
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 assert tuple(REMAT) == REMAT_POLICIES
-
-LayerCache = tuple[jax.Array, jax.Array]  # one layer's (keys, values) in the KV cache
 
 
 class ProjectionAdapter(Protocol):
@@ -217,18 +215,17 @@ class Attention(nnx.Module):
         cos: jax.Array,
         sin: jax.Array,
         mask: AttentionMask,
-        kv_cache: tuple[jax.Array, jax.Array] | None = None,
+        kv_cache: LayerCache | None = None,
         cache_index: jax.Array | None = None,
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    ) -> tuple[jax.Array, LayerCache | None]:
         """x ``[batch, length, embed]`` -> ``[batch, length, embed]`` and the updated layer cache."""
         query = apply_rope(self.q_proj(x), cos, sin)  # [batch, length, heads, head_dim]
         key = apply_rope(self.k_proj(x), cos, sin)  # [batch, length, kv_heads, head_dim]
         value = self.v_proj(x)
         if kv_cache is not None:
             assert cache_index is not None  # a cache comes with the slot to write
-            key = write_kv(kv_cache[0], key, cache_index)  # [batch, max_length, kv_heads, head_dim]
-            value = write_kv(kv_cache[1], value, cache_index)
-            kv_cache = (key, value)
+            # key, value: [batch, max_length, kv_heads, head_dim]
+            kv_cache, key, value = kv_cache.write(key, value, cache_index)
         out = attention(
             query,
             key,
@@ -398,10 +395,11 @@ class LlamaForCausalLM(nnx.Module):
         states = [nnx.state(self.layers[i]) for i in range(start, stop)]
         return jax.tree.map(lambda *a: jnp.stack(a), *states)
 
-    def _run_layers(self, start, stop, x, rope, mask, cache, index, stack):
+    def _run_layers(self, start, stop, x, rope, mask, cache, index, stack, scan):
         """Layers ``start..stop-1`` (one run) on ``x``: one ``lax.scan`` over their stacked
-        states (or a direct call for a run of one). ``cache``: the run's stacked (keys, values)
-        or None. The layers' dropout RNG states advance as if each had been called."""
+        states, or (``scan`` False, or a run of one) each layer called on its own weights.
+        ``cache``: the run's stacked (keys, values) or None. The layers' dropout RNG states
+        advance as if each had been called."""
         layers = [self.layers[i] for i in range(start, stop)]
         graphdef = nnx.graphdef(layers[0])
         cos, sin = rope
@@ -417,21 +415,25 @@ class LlamaForCausalLM(nnx.Module):
             x, keys, values = carry
             state, j = xs
             layer = nnx.merge(graphdef, state)
-            layer_cache = None if keys is None else (keys[j], values[j])
+            layer_cache = None if keys is None else LayerCache(keys, values, j)
             x, layer_cache = layer(x, cos, sin, mask, layer_cache, index)
             x = constrain(x, ACTIVATION_AXES)  # the layer boundary: rows over the batch axes
             if layer_cache is not None:
-                assert keys is not None and values is not None  # a cache in, a cache out
-                keys, values = keys.at[j].set(layer_cache[0]), values.at[j].set(layer_cache[1])
+                keys, values = layer_cache.keys, layer_cache.values
             return (x, keys, values), nnx.state(layer, nnx.RngState) if dropout else None
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=REMAT[self.remat], prevent_cse=len(layers) == 1)
         carry = (x, *(cache if cache is not None else (None, None)))
-        if len(layers) == 1:
-            state = nnx.state(layers[0]) if stack is None else jax.tree.map(lambda a: a[0], stack)
-            carry, rng = body(carry, (state, 0))
-            rngs = [rng]
+        if len(layers) == 1 or not scan:
+            # each layer's own weights (or its slice of a given stack), its cache slot static
+            rngs = []
+            for j, layer in enumerate(layers):
+                state = (
+                    nnx.state(layer) if stack is None else jax.tree.map(lambda a, j=j: a[j], stack)
+                )
+                carry, rng = body(carry, (state, j))
+                rngs.append(rng)
         else:
             if stack is None:
                 stack = self._stack_run(start, stop)
@@ -474,13 +476,18 @@ class LlamaForCausalLM(nnx.Module):
         last_only: bool = False,
         stacks: Sequence[nnx.State] | None = None,
         head: bool = True,
+        scan: bool | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Logits and, when ``cache`` is given, the cache with these tokens written at its index.
 
         ``last_only``: logits of the last position only (``[batch, 1, vocab]``), skipping the LM
         head elsewhere (prefill needs no more). ``stacks``: ``stack_layers()`` computed once by
         the caller (the layers' own parameters are then not read). ``head=False``: the
-        final-norm hidden states instead of logits."""
+        final-norm hidden states instead of logits. ``scan``: None runs the layers as
+        ``set_layer_execution`` says; False calls each layer on its own weights for this call
+        (one token per decoding step reads every weight once, so a scan's per-layer copy of its
+        slice of the stacked weights would double that step's memory traffic). The cache's
+        layout (``layer_runs``) is the same either way."""
         batch, length = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((batch, length), jnp.int32)
@@ -512,8 +519,9 @@ class LlamaForCausalLM(nnx.Module):
             run_cache = None if cache is None else (cache.keys[r], cache.values[r])
             stack = None if stacks is None else stacks[r]
             x, run_cache = self._run_layers(
-                start, stop, x, (cos, sin), mask, run_cache, index, stack
-            )
+                start, stop, x, (cos, sin), mask, run_cache, index, stack,
+                self.scan_layers if scan is None else scan,
+            )  # fmt: skip
             if run_cache is not None:
                 new_keys.append(run_cache[0])
                 new_values.append(run_cache[1])

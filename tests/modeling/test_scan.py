@@ -117,3 +117,33 @@ def test_generation_is_the_same_scanned_and_unrolled(name):
     scanned = generate_ids(model, prompts, max_new_tokens=12, chunk_size=4)
     model.set_layer_execution(scan=False)
     assert generate_ids(model, prompts, max_new_tokens=12, chunk_size=4) == scanned
+
+
+@pytest.mark.parametrize("name", ["difflora-gn", "difflora-layers-1-2"])
+def test_a_cached_forward_calling_each_layer_equals_the_scan(name):
+    """Decoding calls each layer on its own weights (``forward(scan=False)``) against the
+    scanned layout's cache: a prefill and then one decoding step give the scan's logits and
+    cache (1e-5), the step's logits equal the last position of an uncached forward, and no
+    slot past the written ones changes."""
+    model = _model(dataclasses.replace(ADAPTERS[name], dropout=0.0))
+    ids = jnp.asarray(np.random.default_rng(5).integers(0, CONFIG.vocab_size, (2, 6)), jnp.int32)
+    ones = jnp.ones_like(ids)
+    positions = jnp.broadcast_to(jnp.arange(6), ids.shape)
+    outputs = {}
+    for scan in (True, False):
+        cache = model.init_cache(2, 9)
+        first, cache = model.forward(
+            ids[:, :5], ones[:, :5], positions=positions[:, :5], cache=cache, scan=scan
+        )
+        step, cache = model.forward(
+            ids[:, 5:], ones[:, 5:], positions=positions[:, 5:], cache=cache, scan=scan
+        )
+        outputs[scan] = (first, step, cache)
+    assert outputs[True][2] is not None and outputs[False][2] is not None
+    for got, want in zip(jax.tree.leaves(outputs[False]), jax.tree.leaves(outputs[True])):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(outputs[False][1][:, 0], model(ids)[:, -1], rtol=1e-5, atol=1e-5)
+    for keys, values in zip(outputs[False][2].keys, outputs[False][2].values):
+        assert np.all(np.asarray(keys[:, :, 6:]) == 0) and np.all(np.asarray(values[:, :, 6:]) == 0)
+        assert np.abs(np.asarray(keys[:, :, :6])).max(axis=(0, 1, 3, 4)).min() > 0  # every slot
+    assert int(outputs[False][2].index) == 6
