@@ -223,6 +223,12 @@ def _add_bench_parser(commands) -> None:
             default="",
             help="name the section bench-KIND-SECTION (several runs of one kind in one file)",
         )
+        p.add_argument(
+            "--compilation-cache",
+            metavar="DIR",
+            help="JAX's persistent compilation cache (default: JAX_COMPILATION_CACHE_DIR, or "
+            "none); the header says how many entries it held, so a warm first call is labelled",
+        )
         if name == "train":
             p.add_argument("--methods", default="lora-r8,difflora-32", help="comma-separated")
             p.add_argument("--batch", type=_positive_int, default=4)

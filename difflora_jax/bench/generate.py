@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from difflora_jax.bench import peers
-from difflora_jax.bench.report import header, load_average, machine_info
+from difflora_jax.bench.report import compilation_cache, header, load_average, machine_info
 from difflora_jax.bench.train import load_base
 from difflora_jax.catalog import load_method, model_names
 from difflora_jax.errors import ConfigError
@@ -145,6 +145,7 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> str:
 def run(args: Any) -> str:
     """Run the benchmark described by the parsed ``difflora bench generate`` arguments."""
     start, load_before = time.perf_counter(), load_average()
+    cache = compilation_cache(args.compilation_cache)
     matmul = measured_matmul_flops(args.dtype)
     base = load_base(args.model, args.dtype)
     model = apply_adapters(base, load_method(args.method)) if args.method else base
@@ -170,7 +171,7 @@ def run(args: Any) -> str:
         measure(runners, args.repeats)
         rows.append((batch, runners))
     matmul = max(matmul, measured_matmul_flops(args.dtype))  # outside load slows one
-    info = machine_info(load_before, args.torch_threads if args.peers else None)
+    info = machine_info(load_before, args.torch_threads if args.peers else None, cache)
     return _render(rows, model, matmul, args, time.perf_counter() - start, info)
 
 
