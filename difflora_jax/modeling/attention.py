@@ -365,7 +365,8 @@ class LayerCache:
 
     ``write`` puts new tokens into the stacks in place, so a decoding step writes one slot per
     layer, not a copy of the layer's whole cache (which costs a step time linear in the cache
-    length). A static ``layer`` (unrolled layers) makes the layer's slice a view."""
+    length). Attention still reads a copy of the layer's slice, made once per call and fused
+    by XLA with the transpose to the heads-major layout it computes in."""
 
     keys: jax.Array
     values: jax.Array
