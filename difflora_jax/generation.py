@@ -73,7 +73,7 @@ def left_pad(
 
 
 @jax.jit(static_argnums=(0,))
-def stack_layers(graphdef: nnx.GraphDef, state: nnx.State) -> tuple[nnx.State, ...]:
+def stack_layers(graphdef: nnx.GraphDef, state: nnx.State) -> tuple[nnx.State | None, ...]:
     """``model.stack_layers()`` of ``nnx.split(model)``, jitted: what ``prefill`` reads instead
     of the per-layer weights (stacked once per generation call)."""
     return nnx.merge(graphdef, state).stack_layers()
@@ -83,7 +83,7 @@ def stack_layers(graphdef: nnx.GraphDef, state: nnx.State) -> tuple[nnx.State, .
 def prefill(
     graphdef: nnx.GraphDef,
     state: nnx.State,
-    stacks: tuple[nnx.State, ...],
+    stacks: tuple[nnx.State | None, ...],
     input_ids: jax.Array,
     attention_mask: jax.Array,
     positions: jax.Array,

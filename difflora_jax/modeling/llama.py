@@ -384,11 +384,15 @@ class LlamaForCausalLM(nnx.Module):
                 start = i
         return tuple(runs)
 
-    def stack_layers(self) -> tuple[nnx.State, ...]:
+    def stack_layers(self) -> tuple[nnx.State | None, ...]:
         """Each run's layer states stacked on a new leading ``layers`` axis (what the scan
-        reads). ``forward`` stacks them itself; generation stacks once and passes them in, so
-        that each decoding step reads the weights without copying them."""
-        return tuple(self._stack_run(start, stop) for start, stop in self.layer_runs())
+        reads); None for a run of one layer, which reads its own weights (stacking would only
+        copy them). ``forward`` stacks them itself; generation stacks once for the prefill and
+        passes them in."""
+        return tuple(
+            None if stop - start == 1 else self._stack_run(start, stop)
+            for start, stop in self.layer_runs()
+        )
 
     def _stack_run(self, start: int, stop: int) -> nnx.State:
         """The states of layers ``start..stop-1`` stacked on a new leading axis."""
@@ -474,7 +478,7 @@ class LlamaForCausalLM(nnx.Module):
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
-        stacks: Sequence[nnx.State] | None = None,
+        stacks: Sequence[nnx.State | None] | None = None,
         head: bool = True,
         scan: bool | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
