@@ -2,7 +2,8 @@
 
 Prompts are left-padded to one length (rounded up to a bucket so that repeated calls reuse the
 compiled functions). Decoding runs ``chunk_size`` steps per jitted call inside ``lax.scan``;
-between chunks the host checks EOS and stop strings, so a finished batch stops early.
+between chunks the host checks EOS and stop strings, so a finished batch stops early. Both
+run the decoder layers unrolled, each on its own weights, with one KV-cache array per layer.
 """
 
 from __future__ import annotations
@@ -72,29 +73,20 @@ def left_pad(
     return input_ids, mask, np.asarray(default_positions(mask))
 
 
-@jax.jit(static_argnums=(0,))
-def stack_layers(graphdef: nnx.GraphDef, state: nnx.State) -> tuple[nnx.State | None, ...]:
-    """``model.stack_layers()`` of ``nnx.split(model)``, jitted: what ``prefill`` reads instead
-    of the per-layer weights (stacked once per generation call)."""
-    return nnx.merge(graphdef, state).stack_layers()
-
-
-@jit_donating(static_argnums=(0,), donate_argnums=(6,))
+@jit_donating(static_argnums=(0,), donate_argnums=(5,))
 def prefill(
     graphdef: nnx.GraphDef,
     state: nnx.State,
-    stacks: tuple[nnx.State | None, ...],
     input_ids: jax.Array,
     attention_mask: jax.Array,
     positions: jax.Array,
     cache: KVCache,
 ) -> tuple[jax.Array, KVCache]:
-    """Jitted prefill of ``nnx.split(model)`` (with ``stack_layers`` of it): last-position
-    logits ``[batch, vocab]`` and the cache holding the prompt (donated off CPU). ``left_pad``
-    makes its inputs."""
+    """Jitted prefill of ``nnx.split(model)``: last-position logits ``[batch, vocab]`` and the
+    cache holding the prompt (donated off CPU). ``left_pad`` makes its inputs."""
     model = nnx.merge(graphdef, state)
     logits, cache = model.forward(
-        input_ids, attention_mask, positions=positions, cache=cache, last_only=True, stacks=stacks
+        input_ids, attention_mask, positions=positions, cache=cache, last_only=True
     )
     return logits[:, -1], cache
 
@@ -120,9 +112,7 @@ def _decode_chunk(
     greedy: bool,
     nucleus: bool,
 ):
-    """``steps`` decode steps. Returns tokens ``[batch, steps]``, emitted flags, and the carry.
-    The layers run unrolled on their own weights (``forward(scan=False)``): a step of one token
-    is bound by reading the weights, which a scan would first copy out of their stack."""
+    """``steps`` decode steps. Returns tokens ``[batch, steps]``, emitted flags, and the carry."""
     model = nnx.merge(graphdef, state)
 
     def step(carry, i):
@@ -135,7 +125,7 @@ def _decode_chunk(
         done = done | jnp.isin(token, eos_ids)
         ones = jnp.ones((token.shape[0], 1), jnp.int32)
         new_logits, cache = model.forward(
-            token[:, None], ones, positions=positions[:, None], cache=cache, scan=False
+            token[:, None], ones, positions=positions[:, None], cache=cache
         )
         return (cache, new_logits[:, 0], positions + 1, done), (token, emitted)
 
@@ -252,6 +242,13 @@ def _generate_ids(
 
     # adapter dropout off, whatever view of the model we were given
     model = nnx.view(model, only=nnx.Dropout, deterministic=True, raise_if_not_found=False)
+    # The layers run unrolled, each on its own weights, with one cache array per layer (the
+    # view's setting; the caller's model is unchanged). A scan would first stack the weights
+    # (about 0.3 s per call for SmolLM2-135M on a 2-core CPU, a fresh 0.4 GB) and copy each
+    # layer's slice of the stacked cache out before attention; decoding a token reads every
+    # weight once, so those copies are a large share of a step. Unrolled prefill compiled no
+    # slower here, and generation ran 16% (batch 1) and 5% (batch 4) faster.
+    model.set_layer_execution(scan=False)
     graphdef, state = nnx.split(model)
     cache = model.init_cache(batch, prompt_len + steps_total)
     ids_in, mask_in, positions_in = (jnp.asarray(a) for a in (input_ids, mask, positions))
@@ -265,9 +262,7 @@ def _generate_ids(
             values=tuple(jax.device_put(v, cached) for v in cache.values),
             key_valid=jax.device_put(cache.key_valid, rows),
         )
-    stacks = stack_layers(graphdef, state)
-    logits, cache = prefill(graphdef, state, stacks, ids_in, mask_in, positions_in, cache)
-    del stacks  # decoding reads the per-layer weights
+    logits, cache = prefill(graphdef, state, ids_in, mask_in, positions_in, cache)
     next_positions = jnp.asarray(positions[:, -1] + 1)
     done = jnp.zeros((batch,), bool)
     key = jax.random.key(seed)

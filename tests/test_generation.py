@@ -136,3 +136,11 @@ def test_generation_with_dropout_adapters_equals_dropout_free_copy(model, method
     got = generate_ids(with_dropout, PROMPTS, max_new_tokens=5)
     assert got == generate_ids(without, PROMPTS, max_new_tokens=5)
     assert all(len(tokens) == 5 for tokens, _ in got)
+
+
+def test_generation_leaves_the_callers_layer_execution_alone(model):
+    """Generation runs a view with the layers unrolled; the caller's model keeps its scan."""
+    runs = model.layer_runs()
+    assert model.scan_layers and len(runs) == 1
+    generate_ids(model, PROMPTS[:1], max_new_tokens=2)
+    assert model.scan_layers and model.layer_runs() == runs

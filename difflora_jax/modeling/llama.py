@@ -360,8 +360,9 @@ class LlamaForCausalLM(nnx.Module):
     def set_layer_execution(self, *, scan: bool | None = None, remat: str | None = None) -> None:
         """How the decoder layers run. ``scan``: each run of consecutive layers of one structure
         (``layer_runs``) goes through one ``lax.scan`` over their stacked parameters (compiled
-        once, not once per layer); False unrolls them (the same numbers). ``remat``: what each
-        layer keeps for the backward pass (``config.REMAT_POLICIES``)."""
+        once, not once per layer); False unrolls them (the same numbers). Generation always runs
+        them unrolled, whatever this says. ``remat``: what each layer keeps for the backward
+        pass (``config.REMAT_POLICIES``)."""
         if scan is not None:
             self.scan_layers = bool(scan)
         if remat is not None:
@@ -384,22 +385,12 @@ class LlamaForCausalLM(nnx.Module):
                 start = i
         return tuple(runs)
 
-    def stack_layers(self) -> tuple[nnx.State | None, ...]:
-        """Each run's layer states stacked on a new leading ``layers`` axis (what the scan
-        reads); None for a run of one layer, which reads its own weights (stacking would only
-        copy them). ``forward`` stacks them itself; generation stacks once for the prefill and
-        passes them in."""
-        return tuple(
-            None if stop - start == 1 else self._stack_run(start, stop)
-            for start, stop in self.layer_runs()
-        )
-
     def _stack_run(self, start: int, stop: int) -> nnx.State:
         """The states of layers ``start..stop-1`` stacked on a new leading axis."""
         states = [nnx.state(self.layers[i]) for i in range(start, stop)]
         return jax.tree.map(lambda *a: jnp.stack(a), *states)
 
-    def _run_layers(self, start, stop, x, rope, mask, cache, index, stack, scan):
+    def _run_layers(self, start, stop, x, rope, mask, cache, index, scan):
         """Layers ``start..stop-1`` (one run) on ``x``: one ``lax.scan`` over their stacked
         states, or (``scan`` False, or a run of one) each layer called on its own weights.
         ``cache``: the run's stacked (keys, values) or None. The layers' dropout RNG states
@@ -430,17 +421,13 @@ class LlamaForCausalLM(nnx.Module):
             body = jax.checkpoint(body, policy=REMAT[self.remat], prevent_cse=len(layers) == 1)
         carry = (x, *(cache if cache is not None else (None, None)))
         if len(layers) == 1 or not scan:
-            # each layer's own weights (or its slice of a given stack), its cache slot static
+            # each layer's own weights, its cache slot static
             rngs = []
             for j, layer in enumerate(layers):
-                state = (
-                    nnx.state(layer) if stack is None else jax.tree.map(lambda a, j=j: a[j], stack)
-                )
-                carry, rng = body(carry, (state, j))
+                carry, rng = body(carry, (nnx.state(layer), j))
                 rngs.append(rng)
         else:
-            if stack is None:
-                stack = self._stack_run(start, stop)
+            stack = self._stack_run(start, stop)
             carry, rng = jax.lax.scan(body, carry, (stack, jnp.arange(len(layers))))
             rngs = [jax.tree.map(lambda a, j=j: a[j], rng) for j in range(len(layers))]
         if dropout:
@@ -478,20 +465,18 @@ class LlamaForCausalLM(nnx.Module):
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
-        stacks: Sequence[nnx.State | None] | None = None,
         head: bool = True,
         scan: bool | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Logits and, when ``cache`` is given, the cache with these tokens written at its index.
 
         ``last_only``: logits of the last position only (``[batch, 1, vocab]``), skipping the LM
-        head elsewhere (prefill needs no more). ``stacks``: ``stack_layers()`` computed once by
-        the caller (the layers' own parameters are then not read). ``head=False``: the
-        final-norm hidden states instead of logits. ``scan``: None runs the layers as
-        ``set_layer_execution`` says; False calls each layer on its own weights for this call
-        (one token per decoding step reads every weight once, so a scan's per-layer copy of its
-        slice of the stacked weights would double that step's memory traffic). The cache's
-        layout (``layer_runs``) is the same either way."""
+        head elsewhere (prefill needs no more). ``head=False``: the final-norm hidden states
+        instead of logits. ``scan``: None runs the layers as ``set_layer_execution`` says; False
+        calls each layer on its own weights for this call (no stacking of the weights, no copy
+        of a layer's slice of them). The cache's layout (``layer_runs``) is the same either way.
+        Generation (``difflora_jax.generation``) runs a view with ``scan`` off altogether, so
+        that its cache holds one array per layer as well."""
         batch, length = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((batch, length), jnp.int32)
@@ -521,9 +506,8 @@ class LlamaForCausalLM(nnx.Module):
         new_keys, new_values = [], []
         for r, (start, stop) in enumerate(self.layer_runs()):
             run_cache = None if cache is None else (cache.keys[r], cache.values[r])
-            stack = None if stacks is None else stacks[r]
             x, run_cache = self._run_layers(
-                start, stop, x, (cos, sin), mask, run_cache, index, stack,
+                start, stop, x, (cos, sin), mask, run_cache, index,
                 self.scan_layers if scan is None else scan,
             )  # fmt: skip
             if run_cache is not None:
