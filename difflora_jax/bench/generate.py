@@ -31,7 +31,13 @@ import numpy as np
 from flax import nnx
 
 from difflora_jax.bench import peers
-from difflora_jax.bench.report import compilation_cache, header, load_average, machine_info
+from difflora_jax.bench.report import (
+    compilation_cache,
+    cpu_times,
+    header,
+    load_average,
+    machine_info,
+)
 from difflora_jax.bench.train import load_base
 from difflora_jax.catalog import load_method, model_names
 from difflora_jax.errors import ConfigError
@@ -144,7 +150,7 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> str:
 
 def run(args: Any) -> str:
     """Run the benchmark described by the parsed ``difflora bench generate`` arguments."""
-    start, load_before = time.perf_counter(), load_average()
+    start, load_before, cpu_before = time.perf_counter(), load_average(), cpu_times()
     cache = compilation_cache(args.compilation_cache)
     matmul = measured_matmul_flops(args.dtype)
     base = load_base(args.model, args.dtype)
@@ -171,7 +177,7 @@ def run(args: Any) -> str:
         measure(runners, args.repeats)
         rows.append((batch, runners))
     matmul = max(matmul, measured_matmul_flops(args.dtype))  # outside load slows one
-    info = machine_info(load_before, args.torch_threads if args.peers else None, cache)
+    info = machine_info(load_before, args.torch_threads if args.peers else None, cache, cpu_before)
     return _render(rows, model, matmul, args, time.perf_counter() - start, info)
 
 

@@ -29,6 +29,32 @@ def load_average() -> str:
         return "unknown"
 
 
+def cpu_times() -> tuple[int, ...] | None:
+    """The machine's cumulative CPU time counters, the ``cpu`` line of ``/proc/stat`` (user,
+    nice, system, idle, iowait, irq, softirq, steal, ...), or None where there is none."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    return tuple(int(x) for x in fields[1:])
+
+
+def steal_share(before: tuple[int, ...] | None, after: tuple[int, ...] | None) -> str:
+    """The share of all cores' time between two ``cpu_times`` readings that the hypervisor
+    gave to other guests (``steal``): on a shared virtual machine it slows every number of a
+    run, the peers' as much as ours, and it changes from minute to minute."""
+    if before is None or after is None or min(len(before), len(after)) < 8:
+        return "unknown"
+    # the first eight counters partition the time (guest time is already inside user/nice)
+    delta = [a - b for a, b in zip(after[:8], before[:8])]
+    total = sum(delta)
+    if total <= 0:
+        return "unknown"
+    return f"{100 * delta[7] / total:.1f}%"
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -57,9 +83,13 @@ def compilation_cache(directory: str | None) -> str:
 
 
 def machine_info(
-    load_before: str, torch_threads: int | None = None, cache: str | None = None
+    load_before: str,
+    torch_threads: int | None = None,
+    cache: str | None = None,
+    cpu_before: tuple[int, ...] | None = None,
 ) -> dict[str, str]:
-    """CPU, cores, device, load before/after, library versions, and ``cache`` (the line
+    """CPU, cores, device, load before/after, the CPU time stolen since ``cpu_before`` (a
+    ``cpu_times`` reading at the start of the run), library versions, and ``cache`` (the line
     ``compilation_cache`` returned)."""
     names = ["jax", "jaxlib", "flax", "optax"]
     if torch_threads is not None:
@@ -75,6 +105,7 @@ def machine_info(
         "cores": f"{os.cpu_count()} (usable by this process: {len(os.sched_getaffinity(0))})",
         "JAX device": f"{jax.default_backend()} ({jax.devices()[0].device_kind})",
         "load average (1/5/15 min) before / after": f"{load_before} / {load_average()}",
+        "CPU time stolen by the hypervisor during the run": steal_share(cpu_before, cpu_times()),
         "versions": ", ".join(versions) + f", Python {platform.python_version()}",
     }
     if torch_threads is not None:

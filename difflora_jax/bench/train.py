@@ -29,7 +29,13 @@ import numpy as np
 from flax import nnx
 
 from difflora_jax.bench import peers
-from difflora_jax.bench.report import compilation_cache, header, load_average, machine_info
+from difflora_jax.bench.report import (
+    compilation_cache,
+    cpu_times,
+    header,
+    load_average,
+    machine_info,
+)
 from difflora_jax.catalog import load_method, model_names, model_shape
 from difflora_jax.config import AdapterConfig
 from difflora_jax.modeling.adapters import apply_adapters, count_adapter_params
@@ -215,7 +221,7 @@ def render(runners: Sequence[Runner], matmul_flops: float, args: Any, took: floa
 
 def run(args: Any) -> str:
     """Run the benchmark described by the parsed ``difflora bench train`` arguments."""
-    start, load_before = time.perf_counter(), load_average()
+    start, load_before, cpu_before = time.perf_counter(), load_average(), cpu_times()
     cache = compilation_cache(args.compilation_cache)
     if args.peers:
         import torch  # start-up time: the peers need it
@@ -250,5 +256,5 @@ def run(args: Any) -> str:
         gc.collect()
         runners += group
     matmul = max(matmul, measured_matmul_flops(args.dtype))  # outside load slows one
-    info = machine_info(load_before, args.torch_threads if args.peers else None, cache)
+    info = machine_info(load_before, args.torch_threads if args.peers else None, cache, cpu_before)
     return render(runners, matmul, args, time.perf_counter() - start, info)

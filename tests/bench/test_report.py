@@ -1,11 +1,14 @@
-"""The benchmark header says which persistent compilation cache the first calls ran with."""
+"""The benchmark header says which persistent compilation cache the first calls ran with, and
+how much CPU time the hypervisor took away during the run."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import jax
 import pytest
 
-from difflora_jax.bench.report import compilation_cache, machine_info
+from difflora_jax.bench.report import compilation_cache, cpu_times, machine_info, steal_share
 
 
 @pytest.fixture
@@ -26,3 +29,26 @@ def test_the_header_labels_the_compilation_cache_and_its_entries(tmp_path, resto
     info = machine_info("0 0 0", cache=line)
     assert info["persistent compilation cache"] == line
     assert "persistent compilation cache" not in machine_info("0 0 0")
+
+
+def test_steal_share_is_the_steal_counters_share_of_all_time_between_readings():
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    before = (100, 0, 50, 800, 10, 0, 0, 40, 30, 0)
+    after = (400, 0, 150, 1000, 10, 0, 0, 240, 90, 0)  # +300 +100 +200 +200 steal: 200 of 800
+    assert steal_share(before, after) == "25.0%"
+    assert steal_share(before, before) == "unknown"  # no time passed
+    assert steal_share(None, after) == "unknown"
+    assert steal_share(before[:4], after[:4]) == "unknown"  # a kernel without a steal counter
+
+
+def test_the_header_reports_steal_where_the_kernel_counts_it():
+    readings = cpu_times()
+    if Path("/proc/stat").exists():
+        assert readings is not None and len(readings) >= 8
+        earlier = tuple(x - 1000 for x in readings[:8]) + readings[8:]  # time has passed
+        share = machine_info("0 0 0", cpu_before=earlier)[
+            "CPU time stolen by the hypervisor during the run"
+        ]
+        assert share.endswith("%") and 0.0 <= float(share[:-1]) <= 100.0
+    else:
+        assert readings is None
