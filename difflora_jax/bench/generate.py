@@ -11,10 +11,10 @@ times after a warm-up call (medians kept):
   the call its ``generate`` starts with;
 * **generate**: the public call end to end, ``generate_ids`` / ``model.generate``.
 
-``decode = generate - prefill`` (host loop included); ``decode tok/s = B*N / decode``. Our compile time is the first ``generate_ids``
-call minus the median steady one. With ``--peers`` (CPU) transformers runs on the same
-weights, the two sides alternating per round; ratios are ours / transformers. The greedy tokens
-are compared per row as a sanity check.
+``decode = generate - prefill`` (host loop included); ``decode tok/s = B*N / decode``. Our
+compile time is the first ``generate_ids`` call minus the median steady one. With ``--peers``
+(CPU) transformers runs on the same weights, the two sides alternating per round; ratios are
+ours / transformers. The greedy tokens are compared per row as a sanity check.
 """
 
 from __future__ import annotations
@@ -41,7 +41,13 @@ from difflora_jax.bench.report import (
 from difflora_jax.bench.train import load_base
 from difflora_jax.catalog import load_method, model_names
 from difflora_jax.errors import ConfigError
-from difflora_jax.generation import PROMPT_BUCKET, generate_ids, left_pad, prefill
+from difflora_jax.generation import (
+    PROMPT_BUCKET,
+    generate_ids,
+    generation_view,
+    left_pad,
+    prefill,
+)
 from difflora_jax.modeling.adapters import apply_adapters
 from difflora_jax.modeling.flops import measured_matmul_flops, prefill_flops
 from difflora_jax.modeling.llama import LlamaForCausalLM
@@ -83,9 +89,7 @@ def ours(model: LlamaForCausalLM, prompts: Sequence[Sequence[int]], new_tokens: 
     batch = len(prompts)
     prompt_len = _round_up(max(len(p) for p in prompts), PROMPT_BUCKET)
     input_ids, mask, positions = (jnp.asarray(a) for a in left_pad(prompts, prompt_len))
-    # the view generate_ids runs (adapter dropout off, layers unrolled)
-    view = nnx.view(model, only=nnx.Dropout, deterministic=True, raise_if_not_found=False)
-    view.set_layer_execution(scan=False)
+    view = generation_view(model)  # what generate_ids runs
     graphdef, state = nnx.split(view)
     cache_len = prompt_len + _round_up(new_tokens, CHUNK_SIZE)
 
