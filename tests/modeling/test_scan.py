@@ -121,8 +121,9 @@ def test_generation_is_the_same_scanned_and_unrolled(name):
 
 @pytest.mark.parametrize("name", ["difflora-gn", "difflora-layers-1-2"])
 def test_a_cached_forward_calling_each_layer_equals_the_scan(name):
-    """Decoding calls each layer on its own weights (``forward(scan=False)``) against the
-    scanned layout's cache: a prefill and then one decoding step give the scan's logits and
+    """``forward(scan=False)`` calls each layer on its own weights against the scanned
+    layout's cache (generation instead runs a view with ``scan`` off, so its cache is per
+    layer too; ``test_generation`` covers that path): a prefill and then one decoding step give the scan's logits and
     cache (1e-5), the step's logits equal the last position of an uncached forward, and no
     slot past the written ones changes."""
     model = _model(dataclasses.replace(ADAPTERS[name], dropout=0.0))
