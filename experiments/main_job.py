@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import re
 import shlex
 import sys
@@ -27,6 +27,7 @@ from pathlib import Path
 
 from flax import nnx
 
+from difflora_jax.bench.report import cpu_description
 from difflora_jax.data import make_mix
 from difflora_jax.evaluation import heldout_accuracy, heldout_loss
 from difflora_jax.modeling.adapters import count_adapter_params
@@ -175,8 +176,8 @@ def main() -> None:
                 START,
                 "## Main job: base vs LoRA vs DiffLoRA on SmolLM2-135M-Instruct (CPU)",
                 "",
-                f"Written by `experiments/main_job.py` on {stamp} UTC ({platform.processor() or 'CPU'}, "
-                f"{len(__import__('os').sched_getaffinity(0))} cores); "
+                f"Written by `experiments/main_job.py` on {stamp} UTC ({cpu_description()}, "
+                f"{len(os.sched_getaffinity(0))} cores); "
                 f"{summary['total_seconds']:.0f} s in all.",
                 "",
                 "```",

@@ -65,6 +65,34 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def vector_isa(cpuinfo: str | None = None) -> str:
+    """The widest x86 vector extension the CPU reports (``AVX-512``, ``AVX2``, ``AVX``), or
+    the architecture's name elsewhere. XLA compiles CPU code for it, so it sets how float32
+    sums are split into vector lanes: the same program rounds differently on an AVX2 and an
+    AVX-512 machine (a chaotic training run then ends elsewhere; see docs/results.md).
+    ``cpuinfo``: the text of ``/proc/cpuinfo`` (default: read it)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return platform.machine() or "unknown"
+    text = cpuinfo
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")):
+        if flag in flags:
+            return name
+    return platform.machine() or "unknown"
+
+
+def cpu_description() -> str:
+    """The CPU's model name and its vector extension: ``AMD EPYC, AVX2``."""
+    return f"{_cpu_name()}, {vector_isa()}"
+
+
 def compilation_cache(directory: str | None) -> str:
     """Point JAX's persistent compilation cache at ``directory`` (None: leave it as
     ``JAX_COMPILATION_CACHE_DIR`` set it, or off) before anything compiles; returns the header
@@ -101,7 +129,7 @@ def machine_info(
         except importlib.metadata.PackageNotFoundError:
             continue
     info = {
-        "CPU": _cpu_name(),
+        "CPU": cpu_description(),
         "cores": f"{os.cpu_count()} (usable by this process: {len(os.sched_getaffinity(0))})",
         "JAX device": f"{jax.default_backend()} ({jax.devices()[0].device_kind})",
         "load average (1/5/15 min) before / after": f"{load_before} / {load_average()}",

@@ -8,6 +8,7 @@ from pathlib import Path
 import jax
 import pytest
 
+from difflora_jax.bench import report
 from difflora_jax.bench.report import compilation_cache, cpu_times, machine_info, steal_share
 
 
@@ -52,3 +53,20 @@ def test_the_header_reports_steal_where_the_kernel_counts_it():
         assert share.endswith("%") and 0.0 <= float(share[:-1]) <= 100.0
     else:
         assert readings is None
+
+
+def test_the_vector_isa_is_the_widest_extension_in_the_cpu_flags():
+    def info(flags: str) -> str:
+        return f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 {flags}\n"
+
+    assert report.vector_isa(info("avx avx2 fma avx512f avx512bw")) == "AVX-512"
+    assert report.vector_isa(info("avx avx2 fma")) == "AVX2"
+    assert report.vector_isa(info("avx")) == "AVX"
+    assert report.vector_isa(info("")) not in ("AVX-512", "AVX2", "AVX")
+    # a flag's prefix is not the flag: avx512_bf16 alone would not make AVX-512 code
+    assert report.vector_isa(info("avx avx2 avx512_bf16")) == "AVX2"
+
+
+def test_the_header_names_the_cpus_vector_isa():
+    line = report.machine_info(report.load_average())["CPU"]
+    assert line.endswith(", " + report.vector_isa())
