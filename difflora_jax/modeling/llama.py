@@ -47,6 +47,9 @@ from difflora_jax.modeling.rope import apply_rope, inverse_frequencies, rope_ang
 from difflora_jax.parallel import constrain
 
 _INIT = jax.nn.initializers.normal(stddev=0.02)
+# Up to this many rows the tied LM head multiplies table-first (see Embedding.attend); measured
+# on a 2-core CPU with SmolLM2's [49152, 576] table: faster at 4-32 rows, slower at 64 and up.
+FEW_ROWS = 32
 # The residual stream between layers under a mesh (parallel.use_mesh): rows split over the
 # batch rule's axes, the model dimension whole on every device.
 ACTIVATION_AXES = ("batch", "length", None)
@@ -306,9 +309,18 @@ class Embedding(nnx.Module):
         return jnp.take(self.embedding[...], ids, axis=0)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        """Logits against the embedding matrix (tied LM head)."""
+        """Logits against the embedding matrix (tied LM head).
+
+        For a few rows (a decoding step, a prefill's last position) the product is taken
+        table-first, ``[vocab, rows]``, and transposed: XLA's CPU matmul then splits the vocab
+        over its threads instead of running the whole table on one (SmolLM2-135M at batch 4:
+        9.4 ms against 14.1 ms per step on 2 cores; equal at batch 1; slower from 64 rows)."""
         table = self.embedding[...]
-        return jnp.einsum("btd,vd->btv", x.astype(table.dtype), table)
+        x = x.astype(table.dtype)
+        if math.prod(x.shape[:-1]) <= FEW_ROWS:
+            by_vocab = jax.lax.dot_general(table, x, (((1,), (x.ndim - 1,)), ((), ())))
+            return jnp.moveaxis(by_vocab, 0, -1)
+        return jnp.einsum("...d,vd->...v", x, table)
 
 
 class LlamaForCausalLM(nnx.Module):

@@ -1,10 +1,13 @@
-"""Pieces of the Llama modules with a hand-written backward, against autodiff."""
+"""Pieces of the Llama modules with a hand-written backward or a shape-dependent path, against
+autodiff or NumPy."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from flax import nnx
 
-from difflora_jax.modeling.llama import swiglu
+from difflora_jax.modeling.llama import FEW_ROWS, Embedding, swiglu
 
 
 def test_swiglu_backward_equals_autodiff_of_silu_times_up():
@@ -18,3 +21,17 @@ def test_swiglu_backward_equals_autodiff_of_silu_times_up():
     np.testing.assert_array_equal(swiglu(gate, up), jax.nn.silu(gate) * up)
     for got, want in zip(jax.grad(ours, (0, 1))(gate, up), jax.grad(plain, (0, 1))(gate, up)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 1), (4, 1), (2, FEW_ROWS // 2), (3, 1, 5), (2, FEW_ROWS // 2 + 1), (3, 40)]
+)
+def test_tied_lm_head_equals_numpy_on_either_side_of_the_few_rows_switch(shape):
+    """A decoding step (few rows, table-first product) and a sequence (row-first) both give
+    x @ table.T in float32 rounding of the float64 product, in the input's layout."""
+    embed = Embedding(300, 24, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    x = np.random.default_rng(1).standard_normal((*shape, 24)).astype(np.float32)
+    got = np.asarray(jax.jit(embed.attend)(jnp.asarray(x)))
+    want = x.astype(np.float64) @ np.asarray(embed.embedding[...], np.float64).T
+    assert got.shape == (*shape, 300) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
