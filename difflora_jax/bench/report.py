@@ -76,9 +76,8 @@ def vector_isa(cpuinfo: str | None = None) -> str:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return platform.machine() or "unknown"
-    text = cpuinfo
     flags = set()
-    for line in text.splitlines():
+    for line in cpuinfo.splitlines():
         if line.startswith("flags"):
             flags = set(line.split(":", 1)[1].split())
             break
