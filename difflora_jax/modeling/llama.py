@@ -44,12 +44,16 @@ from difflora_jax.modeling.attention import (
     make_attention_mask,
 )
 from difflora_jax.modeling.rope import apply_rope, inverse_frequencies, rope_angles
-from difflora_jax.parallel import constrain
+from difflora_jax.parallel import constrain, current_mesh
 
 _INIT = jax.nn.initializers.normal(stddev=0.02)
 # Up to this many rows the tied LM head multiplies table-first (see Embedding.attend); measured
 # on a 2-core CPU with SmolLM2's [49152, 576] table: faster at 4-32 rows, slower at 64 and up.
 FEW_ROWS = 32
+# With this many rows (a decoding step at batch 3-6) a frozen projection on the CPU is taken as
+# one matrix-vector product per row: XLA:CPU's matmul at 3-6 rows ran 1.2-1.5x slower than the
+# same rows one at a time (30 layers of SmolLM2-135M's projections, 2 cores; equal at 2 and 8).
+MATVEC_ROWS = range(3, 7)
 # The residual stream between layers under a mesh (parallel.use_mesh): rows split over the
 # batch rule's axes, the model dimension whole on every device.
 ACTIVATION_AXES = ("batch", "length", None)
@@ -109,13 +113,35 @@ class AttentionLayer(Protocol):
         ...
 
 
-def flat_matmul(x: jax.Array, w: jax.Array, n_in: int, out_shape: Sequence[int]) -> jax.Array:
+def flat_matmul(
+    x: jax.Array,
+    w: jax.Array,
+    n_in: int,
+    out_shape: Sequence[int],
+    *,
+    rowwise_if_few: bool = False,
+) -> jax.Array:
     """``x`` ``[..., *in]`` times ``w`` ``[*in, *out]`` -> ``[..., *out]``, computed as one 2-D
-    matmul over the flattened token and feature axes (in ``w``'s dtype)."""
+    matmul over the flattened token and feature axes (in ``w``'s dtype).
+
+    With ``rowwise_if_few``, on a single CPU device (no current mesh), a product of
+    ``MATVEC_ROWS`` rows is taken one row at a time (see ``MATVEC_ROWS``): the same product
+    through a different XLA kernel, so float32 roundings may differ in the last bits."""
     lead = x.shape[: x.ndim - n_in]
     fan_in = math.prod(x.shape[x.ndim - n_in :])
-    y = x.reshape(-1, fan_in).astype(w.dtype) @ w.reshape(fan_in, -1)
+    rows = x.reshape(-1, fan_in).astype(w.dtype)
+    w2 = w.reshape(fan_in, -1)
+    if rowwise_if_few and _matvec_rows_pay(rows.shape[0]):
+        y = jnp.concatenate([rows[i : i + 1] @ w2 for i in range(rows.shape[0])], axis=0)
+    else:
+        y = rows @ w2
     return y.reshape(*lead, *out_shape)
+
+
+def _matvec_rows_pay(rows: int) -> bool:
+    """Whether a frozen projection of ``rows`` rows is faster one row at a time: only on the CPU
+    and outside a mesh (under a mesh the rows may be split over devices)."""
+    return rows in MATVEC_ROWS and jax.default_backend() == "cpu" and current_mesh() is None
 
 
 class Projection(nnx.Module):
@@ -140,8 +166,11 @@ class Projection(nnx.Module):
 
     def base(self, x: jax.Array) -> jax.Array:
         """The frozen map ``x W`` alone, as one 2-D matmul ``[tokens, in] @ [in, out]`` (the
-        reshapes are free; XLA:CPU ran the backward of the 3-D contraction 1.5x slower)."""
-        return flat_matmul(x, self.kernel[...], len(self.in_shape), self.out_shape)
+        reshapes are free; XLA:CPU ran the backward of the 3-D contraction 1.5x slower), or one
+        matrix-vector product per row for ``MATVEC_ROWS`` rows on the CPU."""
+        return flat_matmul(
+            x, self.kernel[...], len(self.in_shape), self.out_shape, rowwise_if_few=True
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x W``, plus ``s x A B`` when a LoRA adapter is attached."""

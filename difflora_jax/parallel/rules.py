@@ -131,6 +131,12 @@ def use_mesh(mesh: Mesh, rules: Rules | None = None) -> Iterator[Mesh]:
         _CURRENT.reset(token)
 
 
+def current_mesh() -> Mesh | None:
+    """The mesh made current by :func:`use_mesh`, or None (one device)."""
+    state = _CURRENT.get()
+    return None if state is None else state.mesh
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None], what: str = "activation") -> jax.Array:
     """``x`` constrained to the sharding its logical ``axes`` get under the current mesh and
     rules; ``x`` unchanged when there is no current mesh (one device)."""

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from difflora_jax.modeling.llama import FEW_ROWS, Embedding, swiglu
+from difflora_jax.modeling.llama import FEW_ROWS, MATVEC_ROWS, Embedding, Projection, swiglu
+from difflora_jax.parallel import MeshConfig, make_mesh, use_mesh
 
 
 def test_swiglu_backward_equals_autodiff_of_silu_times_up():
@@ -35,3 +36,27 @@ def test_tied_lm_head_equals_numpy_on_either_side_of_the_few_rows_switch(shape):
     want = x.astype(np.float64) @ np.asarray(embed.embedding[...], np.float64).T
     assert got.shape == (*shape, 300) and got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _dots(fn, *args) -> int:
+    return str(jax.make_jaxpr(fn)(*args)).count("dot_general")
+
+
+@pytest.mark.parametrize("lead", [(1, 1), (2, 1), (4, 1), (2, 3), (7, 1), (2, 5)])
+def test_projection_equals_numpy_on_either_side_of_the_matvec_rows_switch(lead):
+    """A projection of 3-6 rows (a decoding step at batch 3-6) runs one matrix-vector product
+    per row on the CPU, any other row count one matmul; both give x @ W in float32 rounding of
+    the float64 product, in the [..., *out] layout. Under a mesh it is always one matmul."""
+    proj = Projection(
+        (24,), (3, 8), ("embed",), ("heads", "head_dim"), dtype=jnp.float32, rngs=nnx.Rngs(0)
+    )
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((*lead, 24)), jnp.float32)
+    rows = int(np.prod(lead))
+    got = np.asarray(jax.jit(proj)(x))
+    want = np.asarray(x, np.float64) @ np.asarray(proj.kernel[...], np.float64).reshape(24, 24)
+    assert got.shape == (*lead, 3, 8) and got.dtype == np.float32
+    np.testing.assert_allclose(got.reshape(*lead, 24), want, rtol=1e-5, atol=1e-6)
+    rowwise = rows in MATVEC_ROWS and jax.default_backend() == "cpu"
+    assert _dots(proj, x) == (rows if rowwise else 1)
+    with use_mesh(make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])):
+        assert _dots(proj, x) == 1
