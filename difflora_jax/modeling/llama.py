@@ -51,8 +51,9 @@ _INIT = jax.nn.initializers.normal(stddev=0.02)
 # on a 2-core CPU with SmolLM2's [49152, 576] table: faster at 4-32 rows, slower at 64 and up.
 FEW_ROWS = 32
 # With this many rows (a decoding step at batch 3-6) a frozen projection on the CPU is taken as
-# one matrix-vector product per row: XLA:CPU's matmul at 3-6 rows ran 1.2-1.5x slower than the
-# same rows one at a time (30 layers of SmolLM2-135M's projections, 2 cores; equal at 2 and 8).
+# a loop of matrix-vector products, one per row: XLA:CPU's matmul at 3-6 rows ran 1.2-1.5x slower
+# than the same rows one at a time (30 layers of SmolLM2-135M's projections, 2 cores; equal at 2
+# and 8 rows), since its one-row product is a separate kernel that reads each weight row once.
 MATVEC_ROWS = range(3, 7)
 # The residual stream between layers under a mesh (parallel.use_mesh): rows split over the
 # batch rule's axes, the model dimension whole on every device.
@@ -132,7 +133,9 @@ def flat_matmul(
     rows = x.reshape(-1, fan_in).astype(w.dtype)
     w2 = w.reshape(fan_in, -1)
     if rowwise_if_few and _matvec_rows_pay(rows.shape[0]):
-        y = jnp.concatenate([rows[i : i + 1] @ w2 for i in range(rows.shape[0])], axis=0)
+        # a loop, not one dot per row: XLA:CPU compiles each one-row dot on its own (+10 s
+        # for a 30-layer decoding step unrolled over 4 rows; +3-6 s as a loop, as fast)
+        y = jax.lax.map(lambda row: row @ w2, rows)
     else:
         y = rows @ w2
     return y.reshape(*lead, *out_shape)
