@@ -53,7 +53,8 @@ FEW_ROWS = 32
 # With this many rows (a decoding step at batch 3-6) a frozen projection on the CPU is taken as
 # a loop of matrix-vector products, one per row: XLA:CPU's matmul at 3-6 rows ran 1.2-1.5x slower
 # than the same rows one at a time (30 layers of SmolLM2-135M's projections, 2 cores; equal at 2
-# and 8 rows), since its one-row product is a separate kernel that reads each weight row once.
+# and 8 rows). In the optimized HLO, one-row products go to XLA's own dot kernel and products
+# of more rows to a YNNPACK fusion.
 MATVEC_ROWS = range(3, 7)
 # The residual stream between layers under a mesh (parallel.use_mesh): rows split over the
 # batch rule's axes, the model dimension whole on every device.
