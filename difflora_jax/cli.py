@@ -16,6 +16,7 @@ from typing import NoReturn
 
 from difflora_jax.config import DROPOUT_PRNGS, REMAT_POLICIES
 from difflora_jax.errors import DiffLoRAError
+from difflora_jax.host_memory import keep_freed_memory
 
 
 class _Parser(argparse.ArgumentParser):
@@ -584,6 +585,7 @@ def _train(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    keep_freed_memory()  # before anything starts JAX (see difflora_jax/host_memory.py)
     if argv[:1] == ["lm-eval"]:
         _lm_eval(argv[1:])
         return 0

@@ -30,6 +30,7 @@ from flax import nnx
 from difflora_jax.bench.report import cpu_description
 from difflora_jax.data import make_mix
 from difflora_jax.evaluation import heldout_accuracy, heldout_loss
+from difflora_jax.host_memory import keep_freed_memory
 from difflora_jax.modeling.adapters import count_adapter_params
 from difflora_jax.training import train
 from difflora_jax.training.config import DataConfig, TrainConfig
@@ -93,6 +94,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
+    keep_freed_memory()  # a run of many steps: see difflora_jax/host_memory.py
     args = parse_args()
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or f"runs/main_job-{stamp}")

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import jax
 
+from difflora_jax import host_memory
+
 DOC_HEADER = (
     "# Benchmarks\n\n"
     "Measured numbers, each section written by the command named in it (never edited by "
@@ -117,7 +119,8 @@ def machine_info(
 ) -> dict[str, str]:
     """CPU, cores, device, load before/after, the CPU time stolen since ``cpu_before`` (a
     ``cpu_times`` reading at the start of the run), library versions, and ``cache`` (the line
-    ``compilation_cache`` returned)."""
+    ``compilation_cache`` returned), and the malloc setting (``host_memory``: it applies to
+    every implementation in the process, the PyTorch peers included)."""
     names = ["jax", "jaxlib", "flax", "optax"]
     if torch_threads is not None:
         names += ["torch", "transformers", "peft"]
@@ -134,6 +137,7 @@ def machine_info(
         "load average (1/5/15 min) before / after": f"{load_before} / {load_average()}",
         "CPU time stolen by the hypervisor during the run": steal_share(cpu_before, cpu_times()),
         "versions": ", ".join(versions) + f", Python {platform.python_version()}",
+        "host memory": host_memory.describe(),
     }
     if torch_threads is not None:
         info["PyTorch threads"] = str(torch_threads)
