@@ -9,6 +9,7 @@ touch a torch model (data, config, ...) run without PyTorch installed.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,6 +20,12 @@ from tests.tiny import TINY, byte_tokenizer, tiny_model, write_hf_checkpoint
 
 if TYPE_CHECKING:
     import torch
+
+# The suite compiles hundreds of small programs and runs few steps of each: the one malloc arena
+# of ``host_memory`` (what the ``difflora`` command sets) costs it more compile time than the
+# page faults it saves. Off here and in the commands the tests start as subprocesses;
+# tests/test_host_memory.py sets it per interpreter.
+os.environ.setdefault("DIFFLORA_JAX_KEEP_FREED_MEMORY", "0")
 
 # ``transformers.LlamaConfig`` arguments of the tiny checkpoints: the shape of tests/tiny.py's TINY.
 TINY_CONFIG = dict(
