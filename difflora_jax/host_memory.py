@@ -5,15 +5,15 @@ glibc serves large requests from fresh ``mmap`` pages (or from per-thread arenas
 again), and hands them back to the kernel on ``free``, so every call faults each page of its
 temporaries in anew: one 4 x 512 LoRA train step of SmolLM2-135M on the 2-core CPU took about
 812,000 minor page faults (3.3 GB of pages) and 2.1-3.2 s of system CPU time. PyTorch pays the
-same on CPU for every fresh tensor (Intel's CPU tuning guides swap in jemalloc or tcmalloc for
-it); TPU hosts run JAX with tcmalloc preloaded.
+same on CPU for every fresh tensor (PyTorch's performance tuning guide suggests jemalloc or
+TCMalloc for it).
 
 :func:`keep_freed_memory` asks glibc (``mallopt``) for one arena (``M_ARENA_MAX`` 1), no
 ``mmap`` for large blocks (``M_MMAP_MAX`` 0) and no trimming of the heap's top
 (``M_TRIM_THRESHOLD`` -1): freed blocks stay mapped and the next call reuses them, faulting
-nothing. Costs: the process keeps its peak heap until it exits, and compiling is slower (XLA's
-compiler threads share the one arena's lock: the same train step compiled in a median 29.3 s
-against 24.2 s, three alternating runs each). So it pays off over a run of many steps, not in a
+nothing. Costs: the process keeps its peak heap until it exits, and compiling is slower (the
+same train step compiled in a median 29.3 s against 24.2 s, three alternating runs each; most
+likely XLA's compiler threads waiting on the one arena's lock). So it pays off over a run of many steps, not in a
 session of many small programs. The ``difflora`` command calls it before anything starts JAX;
 a script or notebook calls it first thing. It takes effect only before JAX has started its
 backend (whose threads would keep their own arenas), and only on Linux with glibc; set
