@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "difflora_jax"
 
 # Bottom up. A module's layer is that of its longest listed prefix.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("difflora_jax.errors", "difflora_jax.jit"),
+    ("difflora_jax.errors", "difflora_jax.jit", "difflora_jax.host_memory"),
     ("difflora_jax.config",),
     ("difflora_jax.protocols",),
     ("difflora_jax.catalog",),
