@@ -15,9 +15,9 @@ nothing. Costs: the process keeps its peak heap until it exits, and compiling is
 same train step compiled in a median 29.3 s against 24.2 s, three alternating runs each; most
 likely XLA's compiler threads waiting on the one arena's lock). So it pays off over a run of
 many steps, not in a session of many small programs. The ``difflora`` command calls it before
-anything starts JAX; a script or notebook calls it first thing. It takes effect only before JAX has started its
-backend (whose threads would keep their own arenas), and only on Linux with glibc; set
-``DIFFLORA_JAX_KEEP_FREED_MEMORY=0`` to leave malloc as it is.
+anything starts JAX; a script or notebook calls it first thing. It takes effect only before JAX
+has started its backend (whose threads would keep their own arenas), and only on Linux with
+glibc; set ``DIFFLORA_JAX_KEEP_FREED_MEMORY=0`` to leave malloc as it is.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """``host_memory``: with freed memory kept, a jitted call's temporaries fault no pages in again.
 
 Each case runs in a fresh interpreter that calls ``keep_freed_memory`` before using JAX (the
-settings must be made before JAX starts its threads, and they last for the process). The
-measure is the kernel's count of minor page faults (``getrusage``) around the second call of a jitted function whose temporary buffer is 72 MiB
-(18,432 pages of 4 KiB), above glibc's largest mmap threshold (32 MiB).
+settings must be made before JAX starts its threads, and they last for the process). The measure
+is the kernel's count of minor page faults (``getrusage``) around the second call of a jitted
+function whose temporary buffer is 72 MiB (18,432 pages of 4 KiB), above glibc's largest mmap
+threshold (32 MiB).
 """
 
 from __future__ import annotations
