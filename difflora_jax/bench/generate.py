@@ -187,7 +187,7 @@ def run(args: Any) -> str:
 
 def _render(rows, model, matmul, args, took, info) -> str:
     p, n = args.prompt_tokens, args.new_tokens
-    lines = header("Generation: prefill and decode", args.argv, took, info)
+    lines = header("Generation: prefill and decode", args.argv, took, info, args.section)
     lines += [
         f"Model: {args.model}, {args.dtype}"
         + (f", with {args.method} adapters" if args.method else "")

@@ -146,11 +146,18 @@ def machine_info(
     return info
 
 
-def header(title: str, argv: Sequence[str], took_s: float, info: dict[str, str]) -> list[str]:
-    """The opening lines of a section: title, date, the command that wrote it, the machine."""
+def header(
+    title: str,
+    argv: Sequence[str],
+    took_s: float,
+    info: dict[str, str],
+    section: str | None = None,
+) -> list[str]:
+    """The opening lines of a section: title (with the ``--section`` name, so that several runs
+    of one kind in one file are told apart), date, the command that wrote it, the machine."""
     now = datetime.datetime.now(datetime.timezone.utc)
     return [
-        f"## {title}",
+        f"## {title}" + (f" ({section})" if section else ""),
         "",
         f"Written by `difflora bench` on {now:%Y-%m-%d %H:%M} UTC; the run took {took_s:.0f} s.",
         "",

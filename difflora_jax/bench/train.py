@@ -184,7 +184,7 @@ def _peer_of(run: Runner, runners: Sequence[Runner]) -> Runner | None:
 
 def render(runners: Sequence[Runner], matmul_flops: float, args: Any, took: float, info) -> str:
     """The markdown section: one row per runner, then the ratios."""
-    lines = header("Train step: speed, compile time, MFU", args.argv, took, info)
+    lines = header("Train step: speed, compile time, MFU", args.argv, took, info, args.section)
     lines += [
         f"Model: {args.model}, {args.dtype} base weights; float32 adapters and optimizer "
         f"state. Median of {args.repeats} timed steps after one untimed first call. Matmul "

@@ -29,7 +29,10 @@ BACKENDS = ("xla", "jax", "cudnn", "pallas")
 # Query rows per block of the XLA path's causal block skipping (None: one dense block). Smaller
 # blocks skip more of the masked triangle but add ops (compile time grows with their number).
 # SmolLM2-135M DiffLoRA-32 train step at 4 x 512 on a 2-core CPU, one interleaved A/B: blocks of
-# 64: 15.7 s, 128: 14.9 s, 256: 16.9 s.
+# 64: 15.7 s, 128: 14.9 s, 256: 16.9 s. Again with freed memory kept (host_memory), two rounds
+# of `difflora bench train --causal-block B`: LoRA r8 64: 16.70 / 16.97 s, 128: 16.29 / 16.77 s;
+# DiffLoRA-32 64: 18.58 / 20.04 s, 128: 17.66 / 18.44 s (alone, one layer's forward and backward
+# favoured 64, 78 against 86 ms, but the whole step did not).
 DEFAULT_CAUSAL_BLOCK = 128
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 

@@ -70,3 +70,16 @@ def test_the_vector_isa_is_the_widest_extension_in_the_cpu_flags():
 def test_the_header_names_the_cpus_vector_isa():
     line = report.machine_info(report.load_average())["CPU"]
     assert line.endswith(", " + report.vector_isa())
+
+
+def test_sections_of_one_kind_get_titles_that_tell_them_apart(tmp_path):
+    info = {"CPU": "test"}
+    plain = report.header("Train step", ["bench", "train"], 1.0, info)
+    long = report.header("Train step", ["bench", "train"], 1.0, info, section="long")
+    assert plain[0] == "## Train step"
+    assert long[0] == "## Train step (long)"
+    doc = tmp_path / "benchmarks.md"
+    report.write_section(doc, "bench-train", "\n".join(plain))
+    report.write_section(doc, "bench-train-long", "\n".join(long))
+    titles = [line for line in doc.read_text().splitlines() if line.startswith("## ")]
+    assert titles == ["## Train step", "## Train step (long)"]
