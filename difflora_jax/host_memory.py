@@ -12,8 +12,8 @@ TCMalloc for it).
 ``mmap`` for large blocks (``M_MMAP_MAX`` 0) and no trimming of the heap's top
 (``M_TRIM_THRESHOLD`` -1): freed blocks stay mapped and the next call reuses them, faulting
 nothing. Costs: the process keeps its peak heap until it exits, and compiling is slower (the
-same train step compiled in a median 29.3 s against 24.2 s, three alternating runs each; most
-likely XLA's compiler threads waiting on the one arena's lock). So it pays off over a run of
+same train step compiled in a median 29.3 s against 24.2 s, three alternating runs each; with
+one codegen thread it was no faster, so the cause is not contention among codegen threads). So it pays off over a run of
 many steps, not in a session of many small programs. The ``difflora`` command calls it before
 anything starts JAX; a script or notebook calls it first thing. It takes effect only before JAX
 has started its backend (whose threads would keep their own arenas), and only on Linux with
