@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from difflora_jax.config import LORA_TARGETS, AdapterConfig, ModelConfig
-from difflora_jax.modeling.attention import attention, attention_probs
+from difflora_jax.modeling.attention import attention_probs, differential_attention
 from difflora_jax.modeling.dropout import AdapterDropout, apply_keep_mask, keep_mask_from_words
 from difflora_jax.modeling.llama import (
     Attention,
@@ -177,9 +177,9 @@ def add_lora(projection: Projection, adapter: AdapterConfig, rngs: nnx.Rngs) -> 
 class DifferentialAttention(nnx.Module):
     """DiffLoRA attention on top of a pretrained layer's frozen projections.
 
-    ``(softmax(Q1 K1^T / sqrt(h)) - lambda softmax(Q2 K2^T / sqrt(h))) V`` per head, computed as
-    one attention call over 2H stacked heads sharing V (the combine is linear), or, with
-    ``relu_on_differential``, from the explicit maps.
+    ``(softmax(Q1 K1^T / sqrt(h)) - lambda softmax(Q2 K2^T / sqrt(h))) V`` per head, computed by
+    ``attention.differential_attention`` (on the XLA path the two maps are combined before they
+    weigh the shared V), or, with ``relu_on_differential``, from the explicit maps.
     """
 
     def __init__(
@@ -322,20 +322,16 @@ class DifferentialAttention(nnx.Module):
             diff = jax.nn.relu(probs[:, :kv] - lam * probs[:, kv:])
             out = jnp.einsum("bkgts,bskd->btkgd", diff, value.astype(jnp.float32))
             out = out.reshape(*out.shape[:2], h, -1)
-        else:
-            if value.shape[2] == self.num_kv_heads:  # V shared by both maps
-                values = jnp.concatenate([value, value], axis=2)
-            else:  # a separate V for the negative map, stacked as the keys are
-                values = value
-            both = attention(
+        else:  # one V shared by both maps, or [V1; V2] stacked as the keys are
+            out = differential_attention(
                 queries,
                 keys,
-                values,
+                value,
+                lam,
                 mask,
                 backend=self.attention_backend,
                 causal_block=self.causal_block if kv_cache is None else None,
             )
-            out = both[:, :, :h].astype(jnp.float32) - lam * both[:, :, h:].astype(jnp.float32)
         if self.group_norm is not None:
             out = out * jax.lax.rsqrt(jnp.mean(out * out, axis=-1, keepdims=True) + 1e-5)
             out = out * self.group_norm[...] * (1.0 - self.lambda_init[...])

@@ -1,9 +1,10 @@
 """Attention: masks, the KV cache, and one attention function with a backend switch.
 
-Every caller (the standard Llama attention here, the differential attention of DiffLoRA) goes
-through :func:`attention`. The differential variant stacks its positive and negative queries
-along the head axis and calls it once (see ``modeling/adapters.py``), so there is a single
-attention path to optimise per backend.
+The standard Llama attention calls :func:`attention`. The differential attention of DiffLoRA
+stacks its positive and negative queries and keys along the head axis and calls
+:func:`differential_attention`: on the XLA path a fused kernel that combines the two maps
+before they weigh the shared V (one ``P V`` product instead of two), on the other backends one
+:func:`attention` call over the stacked heads, combined after.
 """
 
 from __future__ import annotations
@@ -189,6 +190,24 @@ def _masked_logits(q, k, mask, scale: float) -> jax.Array:
     return jnp.where(mask[:, :, None, :, :], logits * jnp.float32(scale), _MASK_VALUE)
 
 
+def _block_softmax(q, k, mask, scale: float, start: int, stop: int, n: int):
+    """``(probs, top, total)`` of query rows ``[start, stop)`` of head-major ``q`` against the
+    first ``n`` keys: the float32 softmax maps and, per row, the maximum of the masked logits
+    and the sum of their exponentials after subtracting it (``[..., 1]``)."""
+    logits = _masked_logits(q[:, :, :, start:stop], k[:, :, :n], mask[:, :, start:stop, :n], scale)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    unnormalized = jnp.exp(logits - top)
+    total = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    return unnormalized / total, top, total
+
+
+def _block_probs(q, k, mask, scale, start, stop, n, top, total):
+    """Block ``[start, stop)`` of the float32 softmax maps of head-major ``q`` against the first
+    ``n`` keys, from each row's saved maximum ``top`` and normaliser ``total``."""
+    logits = _masked_logits(q[:, :, :, start:stop], k[:, :, :n], mask[:, :, start:stop, :n], scale)
+    return jnp.exp(logits - top[:, :, :, start:stop]) / total[:, :, :, start:stop]
+
+
 def _blocks_forward(q, k, v, mask, scale: float, block: int | None, out_dtype):
     """``(out, top, total)`` of head-major inputs: the output ``[b, kv_heads, groups, t, d]``
     and, per row, the float32 maximum of its masked logits and the sum of their exponentials
@@ -197,13 +216,8 @@ def _blocks_forward(q, k, v, mask, scale: float, block: int | None, out_dtype):
     log(total)`` rounds to ``top``.)"""
     outs, tops, totals = [], [], []
     for start, stop, n in _query_blocks(q.shape[3], k.shape[2], block):
-        logits = _masked_logits(
-            q[:, :, :, start:stop], k[:, :, :n], mask[:, :, start:stop, :n], scale
-        )
-        top = jnp.max(logits, axis=-1, keepdims=True)
-        unnormalized = jnp.exp(logits - top)
-        total = jnp.sum(unnormalized, axis=-1, keepdims=True)
-        probs = (unnormalized / total).astype(v.dtype)
+        probs, top, total = _block_softmax(q, k, mask, scale, start, stop, n)
+        probs = probs.astype(v.dtype)
         out = jnp.einsum(
             "bkgts,bksd->bkgtd", probs, v[:, :, :n], preferred_element_type=jnp.float32
         )
@@ -250,8 +264,7 @@ def _xla_attention_bwd(scale, block, residuals, d_out):
     d_q, d_k, d_v = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
     for start, stop, n in _query_blocks(q_len, k.shape[2], block):
         q_i = q[:, :, :, start:stop]
-        logits = _masked_logits(q_i, k[:, :, :n], mask[:, :, start:stop, :n], scale)
-        probs = jnp.exp(logits - top[:, :, :, start:stop]) / total[:, :, :, start:stop]
+        probs = _block_probs(q, k, mask, scale, start, stop, n, top, total)
         d_o_i = d_o[:, :, :, start:stop]
         d_v = d_v.at[:, :, :n].add(f32("bkgts,bkgtd->bksd", probs, d_o_i))
         d_probs = f32("bkgtd,bksd->bkgts", d_o_i, v[:, :, :n])
@@ -274,6 +287,117 @@ def _xla_attention_bwd(scale, block, residuals, d_out):
 
 
 _xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
+
+
+def differential_attention(
+    queries: jax.Array,
+    keys: jax.Array,
+    value: jax.Array,
+    lam: jax.Array,
+    mask: jax.Array | AttentionMask,
+    *,
+    backend: str = "xla",
+    scale: float | None = None,
+    causal_block: int | None = None,
+) -> jax.Array:
+    """Differential attention ``(softmax(Q1 K1^T) - lam softmax(Q2 K2^T)) V`` per head.
+
+    queries ``[batch, q_len, 2 heads, head_dim]`` (``[Q1; Q2]`` stacked on the head axis), keys
+    ``[batch, kv_len, 2 kv_heads, head_dim]`` (``[K1; K2]``), value ``[batch, kv_len, kv_heads,
+    head_dim]`` (the one V both maps weigh) or ``2 kv_heads`` (``[V1; V2]``, one per map); lam a
+    float32 scalar. Returns float32 ``[batch, q_len, heads, head_dim]``. Mask, scale and
+    ``causal_block`` as in :func:`attention`.
+
+    On the XLA path with a shared V (the paper's method), the two maps are combined before they
+    weigh V: one ``P V`` product instead of two forward, and one ``dV`` and one ``dP`` product
+    instead of two each backward (the 2H-head attention call did the work of two separate
+    attentions). The backward recomputes both maps from the saved per-row maximum and normaliser,
+    as :func:`attention` does. Otherwise (the other backends, or a V per map) it is one
+    :func:`attention` call over the stacked heads, combined after.
+    """
+    _, q_len, heads2, head_dim = queries.shape
+    heads, kv_heads = heads2 // 2, keys.shape[2] // 2
+    lam = jnp.asarray(lam, jnp.float32)
+    fused = backend == "xla" or (backend == "pallas" and q_len != keys.shape[1])
+    if not fused or value.shape[2] != kv_heads:
+        values = value if value.shape[2] == 2 * kv_heads else jnp.concatenate([value, value], 2)
+        both = attention(
+            queries, keys, values, mask, backend=backend, scale=scale, causal_block=causal_block
+        )
+        return both[:, :, :heads].astype(jnp.float32) - lam * both[:, :, heads:].astype(jnp.float32)
+    if heads % kv_heads:
+        raise ValueError(f"query heads {heads} is not a multiple of kv heads {kv_heads}")
+    scale = float(head_dim**-0.5 if scale is None else scale)
+    dense = mask.dense if isinstance(mask, AttentionMask) else mask
+    causal = causal_block is not None and q_len == keys.shape[1] and q_len > causal_block
+    return _xla_differential(
+        queries, keys, value, dense, lam, scale, causal_block if causal else None
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _xla_differential(queries, keys, value, mask, lam, scale: float, block: int | None):
+    """The fused differential attention of :func:`differential_attention` (XLA path, shared V),
+    float32 ``[b, t, heads, d]``."""
+    return _xla_differential_fwd(queries, keys, value, mask, lam, scale, block)[0]
+
+
+def _xla_differential_fwd(queries, keys, value, mask, lam, scale, block):
+    q, k, v = _heads_major(queries, keys, value)  # [b, 2kv, g, t, d], [b, 2kv, s, d], [b, kv, s, d]
+    kv = v.shape[1]
+    outs, tops, totals = [], [], []
+    for start, stop, n in _query_blocks(q.shape[3], k.shape[2], block):
+        probs, top, total = _block_softmax(q, k, mask, scale, start, stop, n)
+        diff = (probs[:, :kv] - lam * probs[:, kv:]).astype(v.dtype)  # [b, kv, g, t, n]
+        outs.append(
+            jnp.einsum("bkgts,bksd->bkgtd", diff, v[:, :, :n], preferred_element_type=jnp.float32)
+        )
+        tops.append(top)
+        totals.append(total)
+    cat = functools.partial(jnp.concatenate, axis=3)
+    out_h, top, total = (
+        (outs[0], tops[0], totals[0]) if len(outs) == 1 else (cat(outs), cat(tops), cat(totals))
+    )
+    batch, q_len, heads2, head_dim = queries.shape
+    out = _from_heads_major(out_h, (batch, q_len, heads2 // 2, head_dim))
+    return out, (q, k, v, mask, lam, top, total)
+
+
+def _xla_differential_bwd(scale, block, residuals, d_out):
+    q, k, v, mask, lam, top, total = residuals
+    batch, kv2, groups, q_len, head_dim = q.shape
+    kv = kv2 // 2
+    d_o = d_out.reshape(batch, q_len, kv, groups, head_dim).transpose(0, 2, 3, 1, 4)
+    d_o = d_o.astype(jnp.float32)  # [b, kv, g, t, d]
+    f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+    d_q, d_k, d_v = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+    d_lam = jnp.zeros((), jnp.float32)
+    for start, stop, n in _query_blocks(q_len, k.shape[2], block):
+        probs = _block_probs(q, k, mask, scale, start, stop, n, top, total)  # [b, 2kv, g, t, n]
+        positive, negative = probs[:, :kv], probs[:, kv:]
+        d_o_i = d_o[:, :, :, start:stop]
+        d_v = d_v.at[:, :, :n].add(f32("bkgts,bkgtd->bksd", positive - lam * negative, d_o_i))
+        d_diff = f32("bkgtd,bksd->bkgts", d_o_i, v[:, :, :n])  # d(P1 - lam P2)
+        d_lam = d_lam - jnp.sum(negative * d_diff)
+        d_probs = jnp.concatenate([d_diff, -lam * d_diff], axis=1)
+        # softmax backward per map: P * (dP - rowsum(P dP)); masked logits get no gradient
+        delta = jnp.sum(probs * d_probs, axis=-1, keepdims=True)
+        d_logits = jnp.where(
+            mask[:, :, None, start:stop, :n], probs * (d_probs - delta), 0.0
+        ) * jnp.float32(scale)
+        d_q.append(f32("bkgts,bksd->bkgtd", d_logits, k[:, :, :n]))
+        d_k = d_k.at[:, :, :n].add(f32("bkgts,bkgtd->bksd", d_logits, q[:, :, :, start:stop]))
+    d_q = d_q[0] if len(d_q) == 1 else jnp.concatenate(d_q, axis=3)
+    return (
+        _from_heads_major(d_q, (batch, q_len, kv2 * groups, head_dim)).astype(q.dtype),
+        d_k.transpose(0, 2, 1, 3).astype(k.dtype),
+        d_v.transpose(0, 2, 1, 3).astype(v.dtype),
+        None,
+        d_lam.astype(lam.dtype),
+    )
+
+
+_xla_differential.defvjp(_xla_differential_fwd, _xla_differential_bwd)
 
 
 def attention_probs(

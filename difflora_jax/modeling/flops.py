@@ -9,8 +9,10 @@ optimizer are left out, as is usual for model FLOP utilisation):
 * adapters (every ``AdapterParam`` with two or more axes, ``N_adapter`` per layer): forward
   ``2 N_adapter``, backward ``4 N_adapter`` (activations and weights);
 * attention, per sequence and layer, over the causal pairs ``T (T + 1) / 2`` only: forward
-  ``2 * 2 * d * heads`` per pair (scores and the weighted sum of values), ``heads`` = H for a
-  standard layer and 2H for a differential one (both maps); backward twice the forward;
+  ``2 * d * (maps + H)`` per pair (the scores of each map, and one weighted sum of V per head),
+  ``maps`` = H for a standard layer and 2H for a differential one (both maps are scored; their
+  difference weighs the shared V once, as ``attention.differential_attention`` computes it);
+  backward twice the forward;
 * LM head ``2 E V`` per token forward, ``2 E V`` backward (activations only; the embedding is
   frozen).
 
@@ -52,15 +54,17 @@ def adapter_matrix_params(model: LlamaForCausalLM) -> int:
     )
 
 
-def attention_heads(model: LlamaForCausalLM) -> int:
-    """Attention maps summed over the layers (H per standard layer, 2H per differential one)."""
+def attention_products(model: LlamaForCausalLM) -> int:
+    """Per-head products of ``d``-vectors per query-key pair, summed over the layers: scores
+    and one weighted sum of V per head, 2H per standard layer and 3H per differential one (two
+    maps scored, their difference weighing V once)."""
     h = model.config.num_heads
-    return sum(2 * h if is_differential(layer.attn) else h for layer in model.layers)
+    return sum(3 * h if is_differential(layer.attn) else 2 * h for layer in model.layers)
 
 
 def _attention_forward(model: LlamaForCausalLM, batch: int, length: int, causal: bool) -> float:
     pairs = length * (length + 1) / 2 if causal else length * length
-    return batch * pairs * 4 * model.config.head_dim * attention_heads(model)
+    return batch * pairs * 2 * model.config.head_dim * attention_products(model)
 
 
 def train_step_flops(

@@ -12,7 +12,12 @@ import pytest
 from flax import nnx
 
 from difflora_jax.modeling.adapters import apply_adapters
-from difflora_jax.modeling.attention import AttentionMask, attention, make_attention_mask
+from difflora_jax.modeling.attention import (
+    AttentionMask,
+    attention,
+    differential_attention,
+    make_attention_mask,
+)
 from difflora_jax.modeling.llama import LlamaForCausalLM
 from tests.tiny import tiny_config
 from tests.variants import difflora
@@ -102,6 +107,62 @@ def test_xla_path_and_its_recomputing_backward_equal_autodiff_of_the_textbook_fo
     )
     for name, g, w in zip("qkv", remat(q, k, v), want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=2e-6, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "heads, kv_heads, block",
+    [(4, 4, None), (4, 2, 8), (6, 1, 5)],  # MHA dense; GQA, MQA in blocks that divide 24, do not
+    ids=["mha-dense", "gqa-8", "mqa-5"],
+)
+def test_fused_differential_path_equals_autodiff_of_the_two_maps_formula(heads, kv_heads, block):
+    """``differential_attention`` on the XLA path combines the two maps before they weigh the
+    shared V and has its own backward; it gives the values and the q, k, v and lambda gradients
+    of ``softmax(Q1 K1^T) V - lam softmax(Q2 K2^T) V`` written out and differentiated by
+    autodiff, with padding and packing, at block sizes that do and do not divide the length.
+    Rows without a valid key are compared without blocks only (as for ``attention``)."""
+    q1, k1, v, mask, valid = _inputs(heads, kv_heads, seed=3)
+    q2, k2, _, _, _ = _inputs(heads, kv_heads, seed=4)
+    queries, keys = jnp.concatenate([q1, q2], axis=2), jnp.concatenate([k1, k2], axis=2)
+    rows = np.ones_like(valid) if block is None else valid
+    weights = np.random.default_rng(5).standard_normal((2, LENGTH, heads, 8))
+    weights = jnp.asarray(weights * rows[:, :, None, None], jnp.float32)
+
+    def ours(queries, keys, v, lam):
+        return differential_attention(queries, keys, v, lam, mask, causal_block=block)
+
+    def reference(queries, keys, v, lam):
+        positive = _reference_attention(queries[:, :, :heads], keys[:, :, :kv_heads], v, mask.dense)
+        negative = _reference_attention(queries[:, :, heads:], keys[:, :, kv_heads:], v, mask.dense)
+        return positive - lam * negative
+
+    def loss(fn, *args):
+        return jnp.sum(fn(*args) * weights)
+
+    args = (queries, keys, v, jnp.float32(0.3))
+    np.testing.assert_allclose(
+        np.asarray(ours(*args))[rows], np.asarray(reference(*args))[rows], rtol=1e-5, atol=1e-6
+    )
+    want = jax.grad(loss, argnums=(1, 2, 3, 4))(reference, *args)
+    got = jax.grad(loss, argnums=(1, 2, 3, 4))(ours, *args)
+    remat = jax.jit(jax.grad(lambda *a: loss(jax.checkpoint(ours), *a), argnums=(0, 1, 2, 3)))
+    for grads in (got, remat(*args)):
+        for name, g, w in zip(["queries", "keys", "v", "lambda"], grads, want):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=2e-6, err_msg=name)
+
+
+def test_differential_attention_takes_one_v_per_map_and_the_other_backends():
+    """With ``[V1; V2]`` stacked (a V per map) or another backend it is one ``attention`` call
+    over the stacked heads, combined after; a shared V stacked twice gives the fused result."""
+    q1, k1, v, mask, valid = _inputs(4, 2, seed=6)
+    q2, k2, _, _, _ = _inputs(4, 2, seed=7)
+    queries, keys = jnp.concatenate([q1, q2], axis=2), jnp.concatenate([k1, k2], axis=2)
+    lam = jnp.float32(0.7)
+    fused = differential_attention(queries, keys, v, lam, mask, causal_block=8)
+    for values, backend in [(jnp.concatenate([v, v], axis=2), "xla"), (v, "jax")]:
+        other = differential_attention(queries, keys, values, lam, mask, backend=backend)
+        np.testing.assert_allclose(
+            np.asarray(other)[valid], np.asarray(fused)[valid], rtol=1e-5, atol=1e-6
+        )
 
 
 def test_blocks_are_only_used_where_the_caller_says_the_mask_is_causal():
