@@ -98,7 +98,9 @@ def main() -> None:
     args = parse_args()
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or f"runs/main_job-{stamp}")
-    out.mkdir(parents=True, exist_ok=False)
+    if out.exists():  # a finished run's results are never overwritten
+        raise SystemExit(f"error: --out {out} already exists; name a new run directory")
+    out.mkdir(parents=True)
     t0 = time.time()
     base, tokenizer = load_model(args.model, dtype="float32")
     eval_items = make_mix(args.eval_items, seed=args.seed, split="eval")
