@@ -208,18 +208,19 @@ def _block_probs(q, k, mask, scale, start, stop, n, top, total):
     return jnp.exp(logits - top[:, :, :, start:stop]) / total[:, :, :, start:stop]
 
 
-def _blocks_forward(q, k, v, mask, scale: float, block: int | None, out_dtype):
+def _blocks_forward(q, k, v, mask, scale: float, block: int | None, out_dtype, combine=None):
     """``(out, top, total)`` of head-major inputs: the output ``[b, kv_heads, groups, t, d]``
     and, per row, the float32 maximum of its masked logits and the sum of their exponentials
     after subtracting it (``[b, kv_heads, groups, t, 1]``), from which the backward recomputes
     the probabilities exactly. (Not one log-sum-exp: in a row without a valid key ``top +
-    log(total)`` rounds to ``top``.)"""
+    log(total)`` rounds to ``top``.) ``combine``: maps each block's probabilities to the
+    weights of ``v`` (default: the probabilities themselves)."""
     outs, tops, totals = [], [], []
     for start, stop, n in _query_blocks(q.shape[3], k.shape[2], block):
         probs, top, total = _block_softmax(q, k, mask, scale, start, stop, n)
-        probs = probs.astype(v.dtype)
+        weights = (probs if combine is None else combine(probs)).astype(v.dtype)
         out = jnp.einsum(
-            "bkgts,bksd->bkgtd", probs, v[:, :, :n], preferred_element_type=jnp.float32
+            "bkgts,bksd->bkgtd", weights, v[:, :, :n], preferred_element_type=jnp.float32
         )
         outs.append(out.astype(out_dtype))
         tops.append(top)
@@ -345,19 +346,11 @@ def _xla_differential(queries, keys, value, mask, lam, scale: float, block: int 
 def _xla_differential_fwd(queries, keys, value, mask, lam, scale, block):
     q, k, v = _heads_major(queries, keys, value)  # [b, 2kv, g, t, d], [b, 2kv, s, d], [b, kv, s, d]
     kv = v.shape[1]
-    outs, tops, totals = [], [], []
-    for start, stop, n in _query_blocks(q.shape[3], k.shape[2], block):
-        probs, top, total = _block_softmax(q, k, mask, scale, start, stop, n)
-        diff = (probs[:, :kv] - lam * probs[:, kv:]).astype(v.dtype)  # [b, kv, g, t, n]
-        outs.append(
-            jnp.einsum("bkgts,bksd->bkgtd", diff, v[:, :, :n], preferred_element_type=jnp.float32)
-        )
-        tops.append(top)
-        totals.append(total)
-    cat = functools.partial(jnp.concatenate, axis=3)
-    out_h, top, total = (
-        (outs[0], tops[0], totals[0]) if len(outs) == 1 else (cat(outs), cat(tops), cat(totals))
-    )
+
+    def combine(probs):  # [b, 2kv, g, t, n] -> P1 - lam P2, [b, kv, g, t, n]
+        return probs[:, :kv] - lam * probs[:, kv:]
+
+    out_h, top, total = _blocks_forward(q, k, v, mask, scale, block, jnp.float32, combine)
     batch, q_len, heads2, head_dim = queries.shape
     out = _from_heads_major(out_h, (batch, q_len, heads2 // 2, head_dim))
     return out, (q, k, v, mask, lam, top, total)
