@@ -1,7 +1,8 @@
 """Text generation: jitted prefill, then decode over a preallocated KV cache.
 
 Prompts are left-padded to one length (rounded up to a bucket so that repeated calls reuse the
-compiled functions). Decoding runs ``chunk_size`` steps per jitted call inside ``lax.scan``;
+compiled functions), and the KV cache is sized in coarser buckets (``cache_length``), so that
+calls whose prompts or token budgets differ a little share the compiled decoding step. Decoding runs ``chunk_size`` steps per jitted call inside ``lax.scan``;
 between chunks the host checks EOS and stop strings, so a finished batch stops early. Both
 run the decoder layers unrolled, each on its own weights, with one KV-cache array per layer.
 """
@@ -27,6 +28,7 @@ from difflora_jax.parallel.shard import batch_sharding, batch_split
 from difflora_jax.protocols import Tokenizer
 
 PROMPT_BUCKET = 16
+CACHE_BUCKET_LINEAR = 1024  # cache lengths above this round up to a multiple of it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +42,24 @@ class Generation:
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def cache_length(needed: int, limit: int | None = None) -> int:
+    """The KV-cache length generation allocates for ``needed`` slots: the next power of two, or
+    above ``CACHE_BUCKET_LINEAR`` the next multiple of it, but not past ``max(needed, limit)``
+    (``limit``: the model's ``max_position_embeddings``).
+
+    The decoding step compiles once per batch size and cache length, so buckets let
+    evaluations whose prompt lengths differ (one cache each when sized exactly) share it: the
+    paper dry run compiled the decoding step 61 times for seven models. Slots past the tokens
+    are masked; they cost a decoding step one read of their zeros."""
+    if needed < 1:
+        raise ValueError(f"a cache needs at least one slot, got {needed}")
+    if needed <= CACHE_BUCKET_LINEAR:
+        bucket = 1 << (needed - 1).bit_length()
+    else:
+        bucket = _round_up(needed, CACHE_BUCKET_LINEAR)
+    return bucket if limit is None else min(bucket, max(needed, limit))
 
 
 def _select(logits: jax.Array, key: jax.Array, temperature, top_p, greedy: bool, nucleus: bool):
@@ -88,7 +108,53 @@ def generation_view(model: LlamaForCausalLM) -> LlamaForCausalLM:
     return view
 
 
-@jit_donating(static_argnums=(0,), donate_argnums=(5,))
+@dataclasses.dataclass(frozen=True)
+class CarryShardings:
+    """Where the state carried from one jitted generation call to the next lives: ``rows`` for
+    arrays whose leading axis is the batch (split as the prompt rows are, the other axes
+    whole), ``cache`` for the stacked KV arrays ``[layers, batch, ...]``, scalars replicated.
+
+    Left to XLA, a call's outputs get whatever shardings propagation picks, which differ
+    between prefill and a decoding chunk even on a one-device mesh; the next chunk then sees
+    new input shardings and compiles again (every evaluation of the paper dry run compiled its
+    decoding step twice). Both calls pin their outputs to these instead."""
+
+    rows: NamedSharding
+    cache: NamedSharding
+
+    @classmethod
+    def of(cls, state: Any, rows: NamedSharding | None) -> CarryShardings | None:
+        """From the prompt rows' sharding, or else replicated over the mesh that holds the
+        weights in ``state``; None when no weight is on a mesh (one device, JAX's placement)."""
+        if rows is None:
+            meshes = [
+                x.sharding.mesh
+                for x in jax.tree.leaves(state)
+                if isinstance(getattr(x, "sharding", None), NamedSharding)
+            ]
+            if not meshes:
+                return None
+            rows = NamedSharding(meshes[0], PartitionSpec())
+        lead = rows.spec[:1]  # the batch axis only: valid for rows of any rank >= 1
+        return cls(
+            NamedSharding(rows.mesh, PartitionSpec(*lead)),
+            NamedSharding(rows.mesh, PartitionSpec(None, *lead)),
+        )
+
+    def scalar(self) -> NamedSharding:
+        return NamedSharding(self.rows.mesh, PartitionSpec())
+
+    def pin_cache(self, cache: KVCache) -> KVCache:
+        pin = jax.lax.with_sharding_constraint
+        return KVCache(
+            keys=tuple(pin(k, self.cache) for k in cache.keys),
+            values=tuple(pin(v, self.cache) for v in cache.values),
+            key_valid=pin(cache.key_valid, self.rows),
+            index=pin(cache.index, self.scalar()),
+        )
+
+
+@jit_donating(static_argnums=(0,), static_argnames=("carry",), donate_argnums=(5,))
 def prefill(
     graphdef: nnx.GraphDef,
     state: nnx.State,
@@ -96,18 +162,26 @@ def prefill(
     attention_mask: jax.Array,
     positions: jax.Array,
     cache: KVCache,
+    carry: CarryShardings | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Jitted prefill of ``nnx.split(model)``: last-position logits ``[batch, vocab]`` and the
-    cache holding the prompt (donated off CPU). ``left_pad`` makes its inputs."""
+    cache holding the prompt (donated off CPU). ``left_pad`` makes its inputs. ``carry``: the
+    shardings its outputs are pinned to (as ``_decode_chunk`` pins its own)."""
     model = nnx.merge(graphdef, state)
     logits, cache = model.forward(
         input_ids, attention_mask, positions=positions, cache=cache, last_only=True
     )
-    return logits[:, -1], cache
+    logits = logits[:, -1]
+    if carry is not None:
+        logits = jax.lax.with_sharding_constraint(logits, carry.rows)
+        cache = carry.pin_cache(cache)
+    return logits, cache
 
 
 @jit_donating(
-    static_argnums=(0,), static_argnames=("steps", "greedy", "nucleus"), donate_argnums=(2,)
+    static_argnums=(0,),
+    static_argnames=("steps", "greedy", "nucleus", "carry"),
+    donate_argnums=(2,),
 )
 def _decode_chunk(
     graphdef,
@@ -126,8 +200,10 @@ def _decode_chunk(
     steps: int,
     greedy: bool,
     nucleus: bool,
+    carry: CarryShardings | None = None,
 ):
-    """``steps`` decode steps. Returns tokens ``[batch, steps]``, emitted flags, and the carry."""
+    """``steps`` decode steps. Returns tokens ``[batch, steps]``, emitted flags, and the carry
+    (pinned to ``carry``'s shardings)."""
     model = nnx.merge(graphdef, state)
 
     def step(carry, i):
@@ -147,6 +223,11 @@ def _decode_chunk(
     (cache, logits, positions, done), (tokens, emitted) = jax.lax.scan(
         step, (cache, logits, positions, done), jnp.arange(steps)
     )
+    if carry is not None:
+        cache = carry.pin_cache(cache)
+        logits, positions, done = (
+            jax.lax.with_sharding_constraint(x, carry.rows) for x in (logits, positions, done)
+        )
     return tokens.T, emitted.T, cache, logits, positions, done
 
 
@@ -257,7 +338,7 @@ def _generate_ids(
 
     model = generation_view(model)
     graphdef, state = nnx.split(model)
-    cache = model.init_cache(batch, prompt_len + steps_total)
+    cache = model.init_cache(batch, cache_length(prompt_len + steps_total, limit))
     ids_in, mask_in, positions_in = (jnp.asarray(a) for a in (input_ids, mask, positions))
     if rows is not None:  # prompts and the cache split by rows
         ids_in, mask_in, positions_in = (
@@ -270,9 +351,14 @@ def _generate_ids(
             values=tuple(jax.device_put(v, cached) for v in cache.values),
             key_valid=jax.device_put(cache.key_valid, rows),
         )
-    logits, cache = prefill(graphdef, state, ids_in, mask_in, positions_in, cache)
-    next_positions = jnp.asarray(positions[:, -1] + 1)
-    done = jnp.zeros((batch,), bool)
+    carry = CarryShardings.of(state, rows)
+
+    def place(x: Any) -> jax.Array:  # as the jitted calls return their carry
+        return jnp.asarray(x) if carry is None else jax.device_put(x, carry.rows)
+
+    logits, cache = prefill(graphdef, state, ids_in, mask_in, positions_in, cache, carry=carry)
+    next_positions = place(positions[:, -1] + 1)
+    done = place(np.zeros((batch,), bool))
     key = jax.random.key(seed)
     eos = jnp.asarray(list(eos_token_ids) or [-1], jnp.int32)
     greedy = temperature == 0
@@ -297,6 +383,7 @@ def _generate_ids(
             steps=chunk_size,
             greedy=greedy,
             nucleus=nucleus,
+            carry=carry,
         )
         tokens, emitted, done_host = np.asarray(tokens), np.asarray(emitted), np.asarray(done)
         _append_emitted(outputs, reasons, tokens, emitted, max_new_tokens, eos_token_ids)
@@ -305,7 +392,7 @@ def _generate_ids(
             if stopped:
                 done_host = done_host.copy()
                 done_host[stopped] = True
-                done = jnp.asarray(done_host)
+                done = place(done_host)
         if done_host.all():
             break
     return list(zip(outputs, reasons))

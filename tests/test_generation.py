@@ -1,12 +1,14 @@
 """KV-cache decoding against full recomputation, sampling controls, and argument checks."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+import difflora_jax.generation as generation
 from difflora_jax.errors import ConfigError
-from difflora_jax.generation import generate_ids
+from difflora_jax.generation import cache_length, generate_ids
 from difflora_jax.modeling.llama import LlamaForCausalLM
 from tests.tiny import tiny_config
 
@@ -144,3 +146,82 @@ def test_generation_leaves_the_callers_layer_execution_alone(model):
     assert model.scan_layers and len(runs) == 1
     generate_ids(model, PROMPTS[:1], max_new_tokens=2)
     assert model.scan_layers and model.layer_runs() == runs
+
+
+@pytest.mark.parametrize(
+    ("needed", "limit", "length"),
+    [
+        (1, None, 1),
+        (28, None, 32),
+        (112, None, 128),
+        (128, None, 128),
+        (144, None, 256),
+        (1000, None, 1024),
+        (1025, None, 2048),
+        (2049, None, 3072),
+        (100, 120, 120),  # not past the model's positions...
+        (300, 256, 300),  # ...unless the tokens need it
+    ],
+)
+def test_cache_length_buckets(needed, limit, length):
+    assert cache_length(needed, limit) == length
+
+
+def _compiles(run) -> list[str]:
+    """The names of the jitted functions that ``run()`` compiles (from JAX's compile log)."""
+    import logging
+
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler, logger = Collect(), logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles():
+            run()
+    finally:
+        logger.removeHandler(handler)
+    done = "Finished XLA compilation of jit("
+    return [m[len(done) :].split(")")[0] for m in messages if m.startswith(done)]
+
+
+def test_prompts_of_other_lengths_share_the_compiled_decoding_step(model):
+    """Prompt buckets 32 and 48 with 16 new tokens need caches of 48 and 64 slots: both get 64,
+    so the second prompt compiles a prefill for its length but no decoding step."""
+
+    def run(length: int):
+        return lambda: generate_ids(
+            model, [list(range(1, length + 1))], max_new_tokens=16, chunk_size=16
+        )
+
+    run(20)()
+    compiled = _compiles(run(40))
+    assert "prefill" in compiled and "_decode_chunk" not in compiled
+
+
+def test_a_bucketed_cache_generates_what_an_exactly_sized_one_does(model, monkeypatch):
+    """20 new tokens in chunks of 16 after 16-token prompts: 48 slots needed, 64 allocated."""
+    assert cache_length(48, CONFIG.max_position_embeddings) == 64
+    bucketed = generate_ids(model, PROMPTS, max_new_tokens=20, chunk_size=16)
+    monkeypatch.setattr(generation, "cache_length", lambda needed, limit=None: needed)
+    exact = generate_ids(model, PROMPTS, max_new_tokens=20, chunk_size=16)
+    assert bucketed == exact
+
+
+def test_weights_on_a_mesh_compile_the_decoding_step_once_per_shape():
+    """Weights placed on a (one-device) mesh: the carry of prefill and of every decoding chunk
+    keeps one sharding, so the chunks after the first reuse its compiled step."""
+    from difflora_jax.parallel import make_mesh, make_rules
+    from difflora_jax.parallel.mesh import MeshConfig
+    from difflora_jax.parallel.shard import shard_model
+
+    sharded = LlamaForCausalLM(CONFIG, rngs=nnx.Rngs(3))
+    shard_model(sharded, make_mesh(MeshConfig()), make_rules())
+    plain = generate_ids(LlamaForCausalLM(CONFIG, rngs=nnx.Rngs(3)), PROMPTS, max_new_tokens=24)
+    out: list = []
+    compiled = _compiles(lambda: out.extend(generate_ids(sharded, PROMPTS, max_new_tokens=24)))
+    assert compiled.count("prefill") == 1 and compiled.count("_decode_chunk") == 1
+    assert out == plain

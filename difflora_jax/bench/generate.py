@@ -43,6 +43,7 @@ from difflora_jax.catalog import load_method, model_names
 from difflora_jax.errors import ConfigError
 from difflora_jax.generation import (
     PROMPT_BUCKET,
+    cache_length,
     generate_ids,
     generation_view,
     left_pad,
@@ -91,7 +92,9 @@ def ours(model: LlamaForCausalLM, prompts: Sequence[Sequence[int]], new_tokens: 
     input_ids, mask, positions = (jnp.asarray(a) for a in left_pad(prompts, prompt_len))
     view = generation_view(model)  # what generate_ids runs
     graphdef, state = nnx.split(view)
-    cache_len = prompt_len + _round_up(new_tokens, CHUNK_SIZE)
+    cache_len = cache_length(
+        prompt_len + _round_up(new_tokens, CHUNK_SIZE), model.config.max_position_embeddings
+    )
 
     def run_prefill() -> float:
         cache = jax.block_until_ready(view.init_cache(batch, cache_len))  # donated: fresh
