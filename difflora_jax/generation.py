@@ -2,9 +2,10 @@
 
 Prompts are left-padded to one length (rounded up to a bucket so that repeated calls reuse the
 compiled functions), and the KV cache is sized in coarser buckets (``cache_length``), so that
-calls whose prompts or token budgets differ a little share the compiled decoding step. Decoding runs ``chunk_size`` steps per jitted call inside ``lax.scan``;
-between chunks the host checks EOS and stop strings, so a finished batch stops early. Both
-run the decoder layers unrolled, each on its own weights, with one KV-cache array per layer.
+calls whose prompts or token budgets differ a little share the compiled decoding step.
+Decoding runs ``chunk_size`` steps per jitted call inside ``lax.scan``; between chunks the host
+checks EOS and stop strings, so a finished batch stops early. Both run the decoder layers
+unrolled, each on its own weights, with one KV-cache array per layer.
 """
 
 from __future__ import annotations
@@ -207,8 +208,8 @@ def _decode_chunk(
     (pinned to ``carry``'s shardings)."""
     model = nnx.merge(graphdef, state)
 
-    def step(carry, i):
-        cache, logits, positions, done = carry
+    def step(loop, i):
+        cache, logits, positions, done = loop
         token = _select(
             logits, jax.random.fold_in(key, step0 + i), temperature, top_p, greedy, nucleus
         )
