@@ -146,8 +146,13 @@ class CarryShardings:
     def scalar(self) -> NamedSharding:
         return NamedSharding(self.rows.mesh, PartitionSpec())
 
-    def pin_cache(self, cache: KVCache) -> KVCache:
-        pin = jax.lax.with_sharding_constraint
+    def pin_cache(
+        self,
+        cache: KVCache,
+        pin: Callable[[Any, NamedSharding], Any] = jax.lax.with_sharding_constraint,
+    ) -> KVCache:
+        """``cache`` on these shardings: constrained inside a jitted call, or placed outside
+        one with ``pin=jax.device_put``."""
         return KVCache(
             keys=tuple(pin(k, self.cache) for k in cache.keys),
             values=tuple(pin(v, self.cache) for v in cache.values),
@@ -342,18 +347,12 @@ def _generate_ids(
     graphdef, state = nnx.split(model)
     cache = model.init_cache(batch, cache_length(prompt_len + steps_total, limit))
     ids_in, mask_in, positions_in = (jnp.asarray(a) for a in (input_ids, mask, positions))
-    if rows is not None:  # prompts and the cache split by rows
+    carry = CarryShardings.of(state, rows)
+    if rows is not None and carry is not None:  # prompts and the cache split by rows
         ids_in, mask_in, positions_in = (
             jax.device_put(a, rows) for a in (ids_in, mask_in, positions_in)
         )
-        cached = NamedSharding(rows.mesh, PartitionSpec(None, rows.spec[0]))  # [layers, batch, ...]
-        cache = dataclasses.replace(
-            cache,
-            keys=tuple(jax.device_put(k, cached) for k in cache.keys),
-            values=tuple(jax.device_put(v, cached) for v in cache.values),
-            key_valid=jax.device_put(cache.key_valid, rows),
-        )
-    carry = CarryShardings.of(state, rows)
+        cache = carry.pin_cache(cache, jax.device_put)
 
     def place(x: Any) -> jax.Array:  # as the jitted calls return their carry
         return jnp.asarray(x) if carry is None else jax.device_put(x, carry.rows)
