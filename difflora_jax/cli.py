@@ -243,6 +243,11 @@ def _add_bench_parser(commands) -> None:
             p.add_argument(
                 "--also-unrolled", action="store_true", help="time unrolled layers as well"
             )
+            p.add_argument(
+                "--also-per-layer",
+                action="store_true",
+                help="time the scanned step with the adapters stored per layer as well",
+            )
         else:
             p.add_argument("--method", help="add fresh adapters of this method (default: none)")
             p.add_argument("--batches", type=_int_list, default=[1, 4], help="e.g. 1,4")
@@ -467,7 +472,10 @@ def _bench(args: argparse.Namespace) -> None:
     if args.kind == "train":
         args.methods = [m for m in args.methods.split(",") if m]
         args.shapes = [(args.batch, args.seq_len), *args.shapes]
-        args.scan = [True, False] if args.also_unrolled else [True]
+        # (scan, stacked adapters) of our runners per method
+        args.layouts = [(True, True)]
+        args.layouts += [(True, False)] if args.also_per_layer else []
+        args.layouts += [(False, False)] if args.also_unrolled else []
         section = train.run(args)
     else:
         section = generate.run(args)

@@ -3,7 +3,9 @@
 One *train step* = forward, loss, backward to the adapters, gradient clipping and AdamW over
 the adapters, on one batch of random token ids (fixed seed, identical for every
 implementation; loss on every next token; no padding). Ours is ``training.step.train_step``,
-the jitted step the training loop runs, for each method (dropout as in its YAML). With
+the jitted step the training loop runs, for each method (dropout as in its YAML), with the
+adapters in the loop's stacked layout (``--also-per-layer`` times them stored per layer as
+well: the same numbers, a larger program to compile). With
 ``--peers`` (CPU), the same step in PyTorch (float32, eager): ``peft`` LoRA for LoRA methods,
 the eager DiffLoRA attention of ``bench.peers`` for DiffLoRA methods, on the same weights.
 
@@ -42,6 +44,7 @@ from difflora_jax.modeling.adapters import apply_adapters, count_adapter_params
 from difflora_jax.modeling.flops import measured_matmul_flops, train_step_flops
 from difflora_jax.modeling.llama import LlamaForCausalLM
 from difflora_jax.training.config import OptimizerConfig
+from difflora_jax.training.layout import scanned_runs, to_stacked
 from difflora_jax.training.loop import reseed_dropout
 from difflora_jax.training.optimizer import make_optimizer
 from difflora_jax.training.step import split_for_training, train_step
@@ -102,14 +105,19 @@ def jax_runner(
     dropout_prng: str,
     scan: bool,
     remat: str,
+    stacked: bool = True,
 ) -> Runner:
-    """Our jitted train step of ``method`` on a copy of ``base``."""
+    """Our jitted train step of ``method`` on a copy of ``base``; ``stacked``: the adapters in
+    the training loop's layout (each scanned run stacked, ``training.layout``), else per layer
+    (the layout the step compiled before it)."""
     model = apply_adapters(nnx.clone(base), load_method(method))
     model.set_attention_backend("xla", causal_block=causal_block)
     model.set_layer_execution(scan=scan, remat=remat)
     reseed_dropout(model, 0, dropout_prng)
     optimizer = OptimizerConfig(learning_rate=1e-4, total_steps=1000, max_grad_norm=1.0)
     graphdef, params, rng, rest = split_for_training(model)
+    if stacked:
+        params = to_stacked(params, scanned_runs(model))
     state = {"params": params, "opt": make_optimizer(optimizer).init(params), "rng": rng}
 
     def step() -> float:
@@ -122,6 +130,8 @@ def jax_runner(
     setting = "scanned" if scan else "unrolled"
     setting += f", remat {remat}, " + (f"causal blocks {causal_block}" if causal_block else "dense")
     setting += f", {dropout_prng} dropout"
+    if scan and not stacked:
+        setting += ", per-layer adapters"
     shape = batch["input_ids"].shape
     return Runner(
         OURS,
@@ -234,7 +244,7 @@ def run(args: Any) -> str:
         batch = random_batch(batch_size, length, base.config.vocab_size)
         group = []
         for method in args.methods:
-            for scan in args.scan:
+            for scan, stacked in args.layouts:
                 group.append(
                     jax_runner(
                         base,
@@ -244,6 +254,7 @@ def run(args: Any) -> str:
                         dropout_prng=args.dropout_prng,
                         scan=scan,
                         remat=args.remat,
+                        stacked=stacked,
                     )
                 )
             # the peers at the main shape only: the eager DiffLoRA keeps both full attention

@@ -22,9 +22,11 @@ Nothing here knows about files, meshes or training.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +70,26 @@ REMAT = {
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 assert tuple(REMAT) == REMAT_POLICIES
+
+# Set by ``stacked_runs``: (variable type, {(start, stop): the run's stacked pure dict}).
+_STACKED_RUNS: contextvars.ContextVar[tuple[type, dict] | None] = contextvars.ContextVar(
+    "stacked_runs", default=None
+)
+
+
+@contextlib.contextmanager
+def stacked_runs(kind: type[nnx.Variable], stacks: Mapping[tuple[int, int], Any]) -> Iterator[None]:
+    """Inside this context, a scanned run of layers ``(start, stop)`` (``layer_runs``) that
+    ``stacks`` lists takes its ``kind`` variables from ``stacks[(start, stop)]`` (one layer's
+    pure-dict structure, every array with a leading axis of ``stop - start``) instead of
+    stacking its layers' own. The train step keeps the adapter parameters stacked this way
+    (``training.layout``), so their gradients leave the scan stacked: no per-layer slices in
+    the backward pass, and one optimizer update per stacked array rather than per layer's."""
+    token = _STACKED_RUNS.set((kind, dict(stacks)))
+    try:
+        yield
+    finally:
+        _STACKED_RUNS.reset(token)
 
 
 class ProjectionAdapter(Protocol):
@@ -430,10 +452,19 @@ class LlamaForCausalLM(nnx.Module):
                 start = i
         return tuple(runs)
 
-    def _stack_run(self, start: int, stop: int) -> nnx.State:
-        """The states of layers ``start..stop-1`` stacked on a new leading axis."""
-        states = [nnx.state(self.layers[i]) for i in range(start, stop)]
-        return jax.tree.map(lambda *a: jnp.stack(a), *states)
+    def _stack_run(self, start: int, stop: int) -> tuple[nnx.State, ...]:
+        """The states of layers ``start..stop-1`` stacked on a new leading axis: one state, or
+        two (the layers' other variables, then the given stack) under ``stacked_runs``."""
+        given = _STACKED_RUNS.get()
+        if given is None or (start, stop) not in given[1]:
+            states = [nnx.state(self.layers[i]) for i in range(start, stop)]
+            return (jax.tree.map(lambda *a: jnp.stack(a), *states),)
+        kind, stacks = given
+        states = [nnx.state(self.layers[i], nnx.Not(kind)) for i in range(start, stop)]
+        # a copy of the layer's container (replace_by_pure_dict must not touch the layer)
+        stack = jax.tree.map(lambda a: a, nnx.state(self.layers[start], kind))
+        nnx.replace_by_pure_dict(stack, stacks[(start, stop)])
+        return jax.tree.map(lambda *a: jnp.stack(a), *states), stack
 
     def _run_layers(self, start, stop, x, rope, mask, cache, index, scan):
         """Layers ``start..stop-1`` (one run) on ``x``: one ``lax.scan`` over their stacked
@@ -453,8 +484,8 @@ class LlamaForCausalLM(nnx.Module):
 
         def body(carry, xs):
             x, keys, values = carry
-            state, j = xs
-            layer = nnx.merge(graphdef, state)
+            states, j = xs
+            layer = nnx.merge(graphdef, *states)
             layer_cache = None if keys is None else LayerCache(keys, values, j)
             x, layer_cache = layer(x, cos, sin, mask, layer_cache, index)
             x = constrain(x, ACTIVATION_AXES)  # the layer boundary: rows over the batch axes
@@ -469,7 +500,7 @@ class LlamaForCausalLM(nnx.Module):
             # each layer's own weights, its cache slot static
             rngs = []
             for j, layer in enumerate(layers):
-                carry, rng = body(carry, (nnx.state(layer), j))
+                carry, rng = body(carry, ((nnx.state(layer),), j))
                 rngs.append(rng)
         else:
             stack = self._stack_run(start, stop)

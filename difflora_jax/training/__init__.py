@@ -17,6 +17,7 @@ from difflora_jax.training.config import (
     load_train_config,
     parse_override,
 )
+from difflora_jax.training.layout import stack_layers, to_per_layer, to_stacked, unstack_layers
 from difflora_jax.training.loop import (
     NonFiniteLossError,
     TrainingError,
@@ -50,6 +51,10 @@ __all__ = [
     "read_metrics",
     "reseed_dropout",
     "split_for_training",
+    "stack_layers",
+    "to_per_layer",
+    "to_stacked",
     "train",
     "train_step",
+    "unstack_layers",
 ]

@@ -62,6 +62,7 @@ from difflora_jax.training.config import (
     OptimizerConfig,
     TrainConfig,
 )
+from difflora_jax.training.layout import scanned_runs, to_per_layer, to_stacked
 from difflora_jax.training.metrics import MetricsLogger
 from difflora_jax.training.optimizer import learning_rate, make_optimizer
 from difflora_jax.training.step import ShardedStep, split_for_training
@@ -82,7 +83,11 @@ class NonFiniteLossError(TrainingError, FloatingPointError):
 
 @dataclasses.dataclass
 class TrainState:
-    """What the loop carries between steps; a ``step_callback`` may replace its fields."""
+    """What the loop carries between steps; a ``step_callback`` may replace its fields.
+
+    ``params`` and ``opt_state`` are in the step's stacked layout (``training.layout``: each
+    scanned run of layers under ``"layer_runs"``); ``training.layout.to_per_layer`` gives the
+    per-layer view that checkpoints and ``write_back`` take."""
 
     step: int
     params: dict
@@ -198,6 +203,7 @@ class _Run:
     graphdef: nnx.GraphDef
     rest: dict
     layers: tuple[int, ...]
+    runs: tuple[tuple[int, int], ...]  # the scanned runs the state is stacked by
     mesh: Mesh
     step_fn: ShardedStep
 
@@ -248,6 +254,7 @@ def _prepare(
         )
     optimizer = config.optimizer_config()
     graphdef, params, rng, rest = split_for_training(model)
+    params = to_stacked(params, scanned_runs(model))
     opt_state = init_optimizer(make_optimizer(optimizer), params, mesh)
     step_fn = ShardedStep(
         graphdef,
@@ -273,6 +280,7 @@ def _prepare(
         graphdef=graphdef,
         rest=rest,
         layers=lambda_layers(model),
+        runs=scanned_runs(model),
         mesh=mesh,
         step_fn=step_fn,
     )
@@ -316,16 +324,20 @@ def _resume(checkpointer: Checkpointer, run: _Run, state: TrainState) -> int | N
         try:
             meta = checkpointer.read_meta(step)
             check_fits(meta, run.model, where, source=run.config.model)
+            # checkpoints hold the per-layer layout
             restored = checkpointer.restore(
-                step, params=state.params, opt_state=state.opt_state, rng=state.rng
+                step,
+                params=to_per_layer(state.params),
+                opt_state=to_per_layer(state.opt_state),
+                rng=state.rng,
             )
         except CorruptCheckpointError as e:
             _set_aside(checkpointer, run.run_dir, step, e)
             continue
         assert restored.rng is not None  # restore returns the rng template it was given
         state.params, state.opt_state, state.rng = (
-            restored.params,
-            restored.opt_state,
+            to_stacked(restored.params, run.runs),
+            to_stacked(restored.opt_state, run.runs),
             restored.rng,
         )
         state.step = restored.step
@@ -378,8 +390,8 @@ def _save(checkpointer: Checkpointer, run: _Run, state: TrainState, record: dict
     batches = run.batches
     checkpointer.save(
         state.step,
-        params=state.params,
-        opt_state=state.opt_state,
+        params=to_per_layer(state.params),
+        opt_state=to_per_layer(state.opt_state),
         rng=state.rng,
         meta={
             "data_state": batches.state() if hasattr(batches, "state") else None,  # type: ignore[attr-defined]
@@ -493,7 +505,7 @@ def train(
             logger.close()
         if bar is not None:
             bar.close()
-    write_back(run.model, state.params, state.rng)
+    write_back(run.model, to_per_layer(state.params), state.rng)
     return TrainResult(
         model=run.model,
         tokenizer=run.tokenizer,

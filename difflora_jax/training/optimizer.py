@@ -13,12 +13,16 @@ import jax
 import optax
 
 from difflora_jax.training.config import OptimizerConfig
+from difflora_jax.training.layout import in_stacked_run
 from difflora_jax.training.schedule import linear_warmup_decay
 
 
 def decay_mask(params: Any) -> Any:
-    """Weight decay on adapter matrices only (ndim >= 2), not lambda vectors or norm scales."""
-    return jax.tree.map(lambda x: x.ndim >= 2, params)
+    """Weight decay on adapter matrices only (ndim >= 2), not lambda vectors or norm scales;
+    in either layout (``training.layout``: a stacked run's arrays carry one more axis)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x.ndim - in_stacked_run(path) >= 2, params
+    )
 
 
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:

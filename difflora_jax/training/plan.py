@@ -44,6 +44,7 @@ from difflora_jax.parallel.shard import (
     state_shardings,
 )
 from difflora_jax.training.config import OptimizerConfig
+from difflora_jax.training.layout import scanned_runs, stack_layers, stack_sharding
 from difflora_jax.training.optimizer import make_optimizer
 from difflora_jax.training.step import ShardedStep, split_for_training
 from difflora_jax.weights.loading import DTYPES
@@ -112,7 +113,12 @@ def plan(
         nnx.to_pure_dict(part)
         for part in nnx.split_state(shardings, AdapterParam, nnx.RngState, ...)
     )
-    params = _with_shardings(params, sh_params)
+    # the training loop's layout: each scanned run's adapters stacked
+    runs = scanned_runs(abstract)
+    params = _with_shardings(
+        jax.eval_shape(lambda p: stack_layers(p, runs), params),
+        stack_layers(sh_params, runs, stack_sharding),
+    )
     rng = _with_shardings(rng, sh_rng)
     rest = _with_shardings(rest, sh_rest)
     optimizer = OptimizerConfig(total_steps=1000)

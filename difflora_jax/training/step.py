@@ -3,7 +3,10 @@
 The model is split once into (graphdef, trainable adapters, dropout RNG state, frozen rest); the
 step differentiates with respect to the adapters alone (the frozen rest is an input, never an
 output, so base weights cannot change), accumulates gradients over micro-batches weighted by
-their token counts (equal to one big batch), clips, and applies AdamW.
+their token counts (equal to one big batch), clips, and applies AdamW. The adapters may come
+per layer (as ``split_for_training`` gives them) or with each scanned run stacked
+(``training.layout.stack_layers``, what the training loop carries): the same numbers, the
+stacked layout compiled in a fraction of the time.
 
 Loss: ``sum(loss_mask * cross_entropy(logits, targets)) / sum(loss_mask)`` in float32 over the
 whole accumulated batch (``difflora_jax.losses``).
@@ -25,9 +28,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from difflora_jax.jit import jit_donating
 from difflora_jax.losses import BATCH_KEYS, batch_loss_sum
 from difflora_jax.modeling.adapters import AdapterParam, lambda_values
+from difflora_jax.modeling.llama import stacked_runs
 from difflora_jax.parallel import Rules, use_mesh
 from difflora_jax.parallel.shard import batch_sharding, shardings_of
 from difflora_jax.training.config import OptimizerConfig
+from difflora_jax.training.layout import stacked_part, unstack_layers
 from difflora_jax.training.optimizer import make_optimizer
 
 
@@ -43,9 +48,18 @@ def split_for_training(model: nnx.Module) -> tuple[nnx.GraphDef, dict, dict, dic
     return graphdef, params, nnx.to_pure_dict(rng), nnx.to_pure_dict(rest)
 
 
+def _merge(graphdef, params, rng, rest) -> Any:
+    """The model of ``params`` in either layout (``training.layout``): stacked runs also give
+    the layers their slices, which only per-layer readers (lambda metrics, unscanned runs)
+    use."""
+    return nnx.merge(graphdef, unstack_layers(params), rng, rest)
+
+
 def _micro_loss_sum(params, rng, rest, batch, graphdef):
-    model = nnx.merge(graphdef, params, rng, rest)
-    return batch_loss_sum(model, batch), nnx.to_pure_dict(nnx.state(model, nnx.RngState))
+    model = _merge(graphdef, params, rng, rest)
+    with stacked_runs(AdapterParam, stacked_part(params)):
+        loss = batch_loss_sum(model, batch)
+    return loss, nnx.to_pure_dict(nnx.state(model, nnx.RngState))
 
 
 def compute_gradients(
@@ -116,7 +130,7 @@ def _train_step(graphdef, optimizer, grad_accum_steps, params, opt_state, rng, r
     new_params = _select(finite, new_params, params)
     new_opt_state = _select(finite, new_opt_state, opt_state)
     new_rng = _select(finite, new_rng, rng)
-    model = nnx.merge(graphdef, new_params, new_rng, rest)
+    model = _merge(graphdef, new_params, new_rng, rest)
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,

@@ -70,6 +70,7 @@ def test_bench_train_and_generate_write_their_sections(tiny_hf_dir, tmp_path, ca
                 "1",
                 "--seq-len",
                 "16",
+                "--also-per-layer",
                 *common,
             ]
         )
@@ -87,6 +88,8 @@ def test_bench_train_and_generate_write_their_sections(tiny_hf_dir, tmp_path, ca
         "| difflora_jax | lora-r8 | 1 x 16 |" in r and "x PyTorch + peft |" in r for r in rows
     )
     assert any("| PyTorch eager DiffLoRA | difflora-32 |" in r for r in rows)
+    per_layer = [r for r in rows if "per-layer adapters" in r]
+    assert [r.split(" | ")[1] for r in per_layer] == ["lora-r8", "difflora-32"]
     assert any(r.startswith("| 1 | transformers |") for r in rows)
     assert "difflora bench train --methods lora-r8,difflora-32" in text
     # a second run replaces the section instead of appending another

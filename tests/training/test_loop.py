@@ -24,7 +24,7 @@ from difflora_jax.adapter_checkpoint import (
 from difflora_jax.config import to_dict
 from difflora_jax.errors import AssetNotFoundError, CheckpointError, ConfigError
 from difflora_jax.modeling.adapters import AdapterParam
-from difflora_jax.training import NonFiniteLossError, read_metrics, train
+from difflora_jax.training import NonFiniteLossError, read_metrics, to_per_layer, train
 from difflora_jax.training.config import DataConfig, TrainConfig
 from difflora_jax.weights.loading import load_model
 from tests.tiny import DIFFLORA
@@ -167,9 +167,10 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(uninterrupted
 
     def poison_after_4(state, record):
         if state.step == 4:  # checkpoint 4 is saved; then an adapter goes NaN
-            seen["params"] = jax.tree.map(np.asarray, state.params)
-            layer = state.params["layers"][1]["attn"]
-            layer["lambda_q1"] = jnp.full_like(layer["lambda_q1"], jnp.nan)
+            seen["params"] = jax.tree.map(np.asarray, to_per_layer(state.params))
+            # the loop carries the stacked layout: layer 1's lambda_q1 is row 1 of the run's
+            stack = state.params["layer_runs"][(0, 2)]["attn"]
+            stack["lambda_q1"] = stack["lambda_q1"].at[1].set(jnp.nan)
 
     with pytest.raises(NonFiniteLossError) as info:
         train(config, step_callback=poison_after_4, progress=False)
