@@ -43,7 +43,7 @@ lint: setup-test
 
 bench: setup-test
 	$(BIN)/difflora bench generate --peers --write docs/benchmarks.md
-	$(BIN)/difflora bench train --peers --write docs/benchmarks.md
+	$(BIN)/difflora bench train --peers --also-per-layer --write docs/benchmarks.md
 	$(BIN)/difflora bench train --batch 1 --seq-len 2048 --section long --write docs/benchmarks.md
 	rm -rf .bench-cache  # a first call that finds its compiled step: fill the cache, then time
 	$(BIN)/difflora bench train --methods lora-r8 --repeats 1 --compilation-cache .bench-cache

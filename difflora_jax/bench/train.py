@@ -117,7 +117,7 @@ def jax_runner(
     optimizer = OptimizerConfig(learning_rate=1e-4, total_steps=1000, max_grad_norm=1.0)
     graphdef, params, rng, rest = split_for_training(model)
     if stacked:
-        params = to_stacked(params, scanned_runs(model))
+        params, rng = to_stacked((params, rng), scanned_runs(model))
     state = {"params": params, "opt": make_optimizer(optimizer).init(params), "rng": rng}
 
     def step() -> float:

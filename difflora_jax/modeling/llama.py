@@ -71,23 +71,30 @@ REMAT = {
 }
 assert tuple(REMAT) == REMAT_POLICIES
 
-# Set by ``stacked_runs``: (variable type, {(start, stop): the run's stacked pure dict}).
-_STACKED_RUNS: contextvars.ContextVar[tuple[type, dict] | None] = contextvars.ContextVar(
+# Set by ``stacked_runs``: ({(start, stop): (variable filter, the run's stacked pure dict)},
+# {(start, stop): the run's RNG state after the scan, stacked}).
+_STACKED_RUNS: contextvars.ContextVar[tuple[dict, dict] | None] = contextvars.ContextVar(
     "stacked_runs", default=None
 )
 
 
 @contextlib.contextmanager
-def stacked_runs(kind: type[nnx.Variable], stacks: Mapping[tuple[int, int], Any]) -> Iterator[None]:
+def stacked_runs(stacks: Mapping[tuple[int, int], tuple[Any, Any]]) -> Iterator[dict]:
     """Inside this context, a scanned run of layers ``(start, stop)`` (``layer_runs``) that
-    ``stacks`` lists takes its ``kind`` variables from ``stacks[(start, stop)]`` (one layer's
-    pure-dict structure, every array with a leading axis of ``stop - start``) instead of
-    stacking its layers' own. The train step keeps the adapter parameters stacked this way
-    (``training.layout``), so their gradients leave the scan stacked: no per-layer slices in
-    the backward pass, and one optimizer update per stacked array rather than per layer's."""
-    token = _STACKED_RUNS.set((kind, dict(stacks)))
+    ``stacks`` lists as ``(kind, values)`` takes its variables of filter ``kind`` from
+    ``values`` (one layer's pure-dict structure, every array with a leading axis of
+    ``stop - start``) instead of stacking its layers' own. The train step keeps the adapter parameters and dropout RNG
+    streams stacked this way (``training.layout``), so gradients and advanced streams leave
+    the scan stacked: no per-layer slices, and one optimizer update per stacked array rather
+    than per layer's.
+
+    Yields a dict that the forward fills with ``{(start, stop): RNG state}`` (stacked pure
+    dicts) of each listed run whose dropout streams advanced; the layers' own streams are
+    updated as well, as outside the context."""
+    advanced: dict = {}
+    token = _STACKED_RUNS.set((dict(stacks), advanced))
     try:
-        yield
+        yield advanced
     finally:
         _STACKED_RUNS.reset(token)
 
@@ -452,18 +459,17 @@ class LlamaForCausalLM(nnx.Module):
                 start = i
         return tuple(runs)
 
-    def _stack_run(self, start: int, stop: int) -> tuple[nnx.State, ...]:
+    def _stack_run(self, start: int, stop: int, given: tuple | None) -> tuple[nnx.State, ...]:
         """The states of layers ``start..stop-1`` stacked on a new leading axis: one state, or
         two (the layers' other variables, then the given stack) under ``stacked_runs``."""
-        given = _STACKED_RUNS.get()
-        if given is None or (start, stop) not in given[1]:
+        if given is None:
             states = [nnx.state(self.layers[i]) for i in range(start, stop)]
             return (jax.tree.map(lambda *a: jnp.stack(a), *states),)
-        kind, stacks = given
+        kind, values = given[0][(start, stop)]
         states = [nnx.state(self.layers[i], nnx.Not(kind)) for i in range(start, stop)]
         # a copy of the layer's container (replace_by_pure_dict must not touch the layer)
         stack = jax.tree.map(lambda a: a, nnx.state(self.layers[start], kind))
-        nnx.replace_by_pure_dict(stack, stacks[(start, stop)])
+        nnx.replace_by_pure_dict(stack, values)
         return jax.tree.map(lambda *a: jnp.stack(a), *states), stack
 
     def _run_layers(self, start, stop, x, rope, mask, cache, index, scan):
@@ -503,9 +509,14 @@ class LlamaForCausalLM(nnx.Module):
                 carry, rng = body(carry, ((nnx.state(layer),), j))
                 rngs.append(rng)
         else:
-            stack = self._stack_run(start, stop)
+            given = _STACKED_RUNS.get()
+            if given is not None and (start, stop) not in given[0]:
+                given = None
+            stack = self._stack_run(start, stop, given)
             carry, rng = jax.lax.scan(body, carry, (stack, jnp.arange(len(layers))))
             rngs = [jax.tree.map(lambda a, j=j: a[j], rng) for j in range(len(layers))]
+            if given is not None and rng is not None:
+                given[1][(start, stop)] = nnx.to_pure_dict(rng)
         if dropout:
             for layer, layer_rng in zip(layers, rngs):
                 nnx.update(layer, layer_rng)  # the dropout streams advanced inside

@@ -1,19 +1,21 @@
-"""The train step's layout of the adapter parameters: each scanned run of layers stacked.
+"""The train step's layout of the adapters and dropout streams: each scanned run stacked.
 
-``split_for_training`` gives the adapter parameters per layer (``{"layers": {0: ..., 1: ...}}``,
-the layout of checkpoints, exports and ``write_back``). The training loop keeps them, and the
-optimizer state built from them, in the *stacked* layout instead: the layers of each run that
+``split_for_training`` gives the adapter parameters and the dropout RNG state per layer
+(``{"layers": {0: ..., 1: ...}}``, the layout of checkpoints, exports and ``write_back``). The
+training loop keeps them, and the optimizer state built from the parameters, in the *stacked*
+layout instead: the layers of each run that
 executes as one ``lax.scan`` (``LlamaForCausalLM.layer_runs``, runs of more than one layer)
 move from ``"layers"`` to ``"layer_runs"``, keyed by ``(start, stop)``, as one layer's structure
 whose arrays carry a leading axis of ``stop - start``::
 
     {"layers": {0: {...}, ..., 29: {...}}}  ->  {"layer_runs": {(0, 30): {...}}}
 
-The scan then reads the adapters as they are stored (``modeling.llama.stacked_runs``) and the
-backward pass hands their gradients back stacked, so the step's gradient scaling, norm,
-clipping, AdamW update and non-finite guard run once per stacked array (14 for LoRA r8 on
-SmolLM2-135M) rather than once per layer's (420): the compiled step holds a fraction of the
-operations and compiles in a fraction of the time. The numbers are the same as per layer's.
+The scan then reads the adapters and streams as they are stored (``modeling.llama.stacked_runs``)
+and hands back the gradients and advanced streams stacked, so the step's gradient scaling,
+norm, clipping, AdamW update and non-finite guard run once per stacked array (14 adapter
+arrays for LoRA r8 on SmolLM2-135M) rather than once per layer's (420, and as many RNG
+arrays): the compiled step no longer grows with the depth. The numbers are those of the
+per-layer layout.
 
 The conversions work on any tree holding adapter-shaped dicts (the parameters, their gradients,
 Adam's moments inside an optax state), on arrays and, with ``stack_sharding`` /
@@ -109,6 +111,33 @@ def unstack_layers(
 def stacked_part(params: dict) -> dict[Run, Any]:
     """``{(start, stop): stacked dict}`` of a stacked-layout parameter dict (empty when none)."""
     return dict(params.get(RUNS_KEY, {}))
+
+
+def with_stacked_part(tree: dict, stacks: dict[Run, Any]) -> dict:
+    """A per-layer dict (``tree``) in the stacked layout, taking each run's stack from
+    ``stacks`` rather than stacking the layers' own entries (which are dropped)."""
+    if not stacks:
+        return tree
+    covered = {i for start, stop in stacks for i in range(start, stop)}
+    out = {k: v for k, v in tree.items() if k != "layers"}
+    layers = {i: v for i, v in tree.get("layers", {}).items() if i not in covered}
+    if layers:
+        out["layers"] = layers
+    out[RUNS_KEY] = dict(stacks)
+    return out
+
+
+def merge_dicts(a: dict, b: dict) -> dict:
+    """The union of two nested dicts whose leaves lie at different paths."""
+    out = dict(a)
+    for key, value in b.items():
+        if key in out:
+            if not (isinstance(out[key], dict) and isinstance(value, dict)):
+                raise ValueError(f"both dicts hold a leaf at {key!r}")
+            out[key] = merge_dicts(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def in_stacked_run(path: tuple) -> bool:

@@ -85,9 +85,10 @@ class NonFiniteLossError(TrainingError, FloatingPointError):
 class TrainState:
     """What the loop carries between steps; a ``step_callback`` may replace its fields.
 
-    ``params`` and ``opt_state`` are in the step's stacked layout (``training.layout``: each
-    scanned run of layers under ``"layer_runs"``); ``training.layout.to_per_layer`` gives the
-    per-layer view that checkpoints and ``write_back`` take."""
+    ``params``, ``opt_state`` and ``rng`` are in the step's stacked layout
+    (``training.layout``: each scanned run of layers under ``"layer_runs"``);
+    ``training.layout.to_per_layer`` gives the per-layer view that checkpoints and
+    ``write_back`` take."""
 
     step: int
     params: dict
@@ -254,7 +255,7 @@ def _prepare(
         )
     optimizer = config.optimizer_config()
     graphdef, params, rng, rest = split_for_training(model)
-    params = to_stacked(params, scanned_runs(model))
+    params, rng = to_stacked((params, rng), scanned_runs(model))
     opt_state = init_optimizer(make_optimizer(optimizer), params, mesh)
     step_fn = ShardedStep(
         graphdef,
@@ -329,7 +330,7 @@ def _resume(checkpointer: Checkpointer, run: _Run, state: TrainState) -> int | N
                 step,
                 params=to_per_layer(state.params),
                 opt_state=to_per_layer(state.opt_state),
-                rng=state.rng,
+                rng=to_per_layer(state.rng),
             )
         except CorruptCheckpointError as e:
             _set_aside(checkpointer, run.run_dir, step, e)
@@ -338,7 +339,7 @@ def _resume(checkpointer: Checkpointer, run: _Run, state: TrainState) -> int | N
         state.params, state.opt_state, state.rng = (
             to_stacked(restored.params, run.runs),
             to_stacked(restored.opt_state, run.runs),
-            restored.rng,
+            to_stacked(restored.rng, run.runs),
         )
         state.step = restored.step
         data_state = meta.get("data_state")
@@ -392,7 +393,7 @@ def _save(checkpointer: Checkpointer, run: _Run, state: TrainState, record: dict
         state.step,
         params=to_per_layer(state.params),
         opt_state=to_per_layer(state.opt_state),
-        rng=state.rng,
+        rng=to_per_layer(state.rng),
         meta={
             "data_state": batches.state() if hasattr(batches, "state") else None,  # type: ignore[attr-defined]
             "adapter_config": to_dict(run.adapter_config),
@@ -505,7 +506,7 @@ def train(
             logger.close()
         if bar is not None:
             bar.close()
-    write_back(run.model, to_per_layer(state.params), state.rng)
+    write_back(run.model, *to_per_layer((state.params, state.rng)))
     return TrainResult(
         model=run.model,
         tokenizer=run.tokenizer,

@@ -119,7 +119,10 @@ def plan(
         jax.eval_shape(lambda p: stack_layers(p, runs), params),
         stack_layers(sh_params, runs, stack_sharding),
     )
-    rng = _with_shardings(rng, sh_rng)
+    rng = _with_shardings(
+        jax.eval_shape(lambda r: stack_layers(r, runs), rng),
+        stack_layers(sh_rng, runs, stack_sharding),
+    )
     rest = _with_shardings(rest, sh_rest)
     optimizer = OptimizerConfig(total_steps=1000)
     tx = make_optimizer(optimizer)

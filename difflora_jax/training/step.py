@@ -32,7 +32,12 @@ from difflora_jax.modeling.llama import stacked_runs
 from difflora_jax.parallel import Rules, use_mesh
 from difflora_jax.parallel.shard import batch_sharding, shardings_of
 from difflora_jax.training.config import OptimizerConfig
-from difflora_jax.training.layout import stacked_part, unstack_layers
+from difflora_jax.training.layout import (
+    merge_dicts,
+    stacked_part,
+    unstack_layers,
+    with_stacked_part,
+)
 from difflora_jax.training.optimizer import make_optimizer
 
 
@@ -49,17 +54,32 @@ def split_for_training(model: nnx.Module) -> tuple[nnx.GraphDef, dict, dict, dic
 
 
 def _merge(graphdef, params, rng, rest) -> Any:
-    """The model of ``params`` in either layout (``training.layout``): stacked runs also give
-    the layers their slices, which only per-layer readers (lambda metrics, unscanned runs)
-    use."""
-    return nnx.merge(graphdef, unstack_layers(params), rng, rest)
+    """The model of ``params`` and ``rng`` in either layout (``training.layout``): stacked runs
+    also give the layers their slices, which only per-layer readers (lambda metrics, unscanned
+    runs) use."""
+    return nnx.merge(graphdef, unstack_layers(params), unstack_layers(rng), rest)
 
 
 def _micro_loss_sum(params, rng, rest, batch, graphdef):
     model = _merge(graphdef, params, rng, rest)
-    with stacked_runs(AdapterParam, stacked_part(params)):
+    stacked_params, stacked_rng = stacked_part(params), stacked_part(rng)
+    stacks = {}
+    for run in set(stacked_params) | set(stacked_rng):
+        parts = [
+            (k, p[run])
+            for k, p in ((AdapterParam, stacked_params), (nnx.RngState, stacked_rng))
+            if run in p
+        ]
+        stacks[run] = (
+            nnx.Any(*(k for k, _ in parts)),
+            functools.reduce(merge_dicts, (v for _, v in parts)),
+        )
+    with stacked_runs(stacks) as advanced:
         loss = batch_loss_sum(model, batch)
-    return loss, nnx.to_pure_dict(nnx.state(model, nnx.RngState))
+    new_rng = nnx.to_pure_dict(nnx.state(model, nnx.RngState))
+    # stacked streams: as the scans handed them back (streams that did not advance as given)
+    new_rng = with_stacked_part(new_rng, {r: advanced.get(r, s) for r, s in stacked_rng.items()})
+    return loss, new_rng
 
 
 def compute_gradients(

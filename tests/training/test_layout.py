@@ -1,6 +1,6 @@
 """The stacked layout of the train step (``training.layout``): conversions that lose nothing, a
-stacked step equal to the per-layer one (gradients, AdamW with weight decay, dropout, lambda),
-and a compiled step whose size does not grow with the number of layers."""
+stacked step equal to the per-layer one (gradients, AdamW with weight decay, dropout streams,
+lambda), and a compiled step whose size does not grow with the number of layers."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import dataclasses
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from difflora_jax.adapter_checkpoint import flatten
@@ -86,9 +87,10 @@ def test_weight_decay_masks_the_same_parameters_in_both_layouts():
     assert flat["layers.0.attn.negative_q.a"] is True
 
 
-def test_a_stacked_step_equals_the_per_layer_step():
+@pytest.mark.parametrize("stack_rng", [True, False], ids=["params-and-rng", "params-only"])
+def test_a_stacked_step_equals_the_per_layer_step(stack_rng):
     # dropout on (the RNG streams advance inside the scan), weight decay on (masked by rank),
-    # two micro-batches, three steps
+    # two micro-batches, three steps; the loop stacks the dropout streams too
     adapter = dataclasses.replace(DIFFLORA, dropout=0.1)
     model = tiny_model(adapter, config=_layers(3))
     optimizer = OptimizerConfig(
@@ -99,7 +101,8 @@ def test_a_stacked_step_equals_the_per_layer_step():
     assert runs == ((0, 3),)
     tx = make_optimizer(optimizer)
     per_layer = (params, tx.init(params), rng)
-    stacked = (stack_layers(params, runs), tx.init(stack_layers(params, runs)), rng)
+    stacked_rng = stack_layers(rng, runs) if stack_rng else rng
+    stacked = (stack_layers(params, runs), tx.init(stack_layers(params, runs)), stacked_rng)
     for step in range(3):
         batch = random_batch(4, 32, seed=step)
         out = {}
@@ -115,18 +118,21 @@ def test_a_stacked_step_equals_the_per_layer_step():
             np.testing.assert_allclose(metrics_b[key], metrics_a[key], rtol=1e-5, err_msg=key)
         _assert_trees_equal(unstack_layers(stacked[0]), per_layer[0], rtol=1e-5, atol=1e-7)
         _assert_trees_equal(unstack_layers(stacked[1]), per_layer[1], rtol=1e-5, atol=1e-7)
-        _assert_trees_equal(stacked[2], per_layer[2])  # the dropout streams
+        _assert_trees_equal(unstack_layers(stacked[2]), per_layer[2])  # the dropout streams
+        assert (RUNS_KEY in stacked[2]) == stack_rng
     # the adapters moved (the comparison is not between two unchanged states)
     moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), per_layer[0], params)
     assert max(jax.tree.leaves(moved)) > 1e-3
+    counts = [int(c) for c in jax.tree.leaves(per_layer[2]) if c.dtype == np.uint32]
+    assert counts and min(counts) > 0  # and the dropout streams advanced
 
 
 def _step_size(layers: int, stacked: bool) -> int:
-    """Lines of the lowered (StableHLO) train step of a tiny DiffLoRA model."""
-    model = tiny_model(config=_layers(layers))
+    """Lines of the lowered (StableHLO) train step of a tiny DiffLoRA model with dropout."""
+    model = tiny_model(dataclasses.replace(DIFFLORA, dropout=0.1), config=_layers(layers))
     graphdef, params, rng, rest = split_for_training(model)
     if stacked:
-        params = stack_layers(params, scanned_runs(model))
+        params, rng = stack_layers((params, rng), scanned_runs(model))
     optimizer = OptimizerConfig(total_steps=10)
     opt_state = make_optimizer(optimizer).init(params)
     batch = random_batch(2, 16)
