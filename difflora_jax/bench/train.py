@@ -216,14 +216,21 @@ def render(runners: Sequence[Runner], matmul_flops: float, args: Any, took: floa
             f"{r.first_call_s - r.step_s:.1f} | "
             f"{r.flops / 1e9:,.0f} | {mfu:.1%} | {ratio} |"
         )
+    # each method's step over the LoRA step of the same shape and setting
     ours = [r for r in runners if r.implementation == OURS]
-    lora = {r.shape: r for r in ours if load_method(r.method).method == "lora"}
-    pairs = [(r, lora[r.shape]) for r in ours if r.shape in lora and r not in lora.values()]
+    lora = {(r.shape, r.setting): r for r in ours if load_method(r.method).method == "lora"}
+    pairs = [
+        (r, lora[r.shape, r.setting])
+        for r in ours
+        if (r.shape, r.setting) in lora and r not in lora.values()
+    ]
+    settings = {r.setting for r in ours}
     if pairs:
         lines += [""]
         lines += [
-            f"- {r.method} step / {base.method} step at {r.shape[0]} x {r.shape[1]}: "
-            f"{r.step_s / base.step_s:.2f}"
+            f"- {r.method} step / {base.method} step at {r.shape[0]} x {r.shape[1]}"
+            + (f" ({r.setting})" if len(settings) > 1 else "")
+            + f": {r.step_s / base.step_s:.2f}"
             for r, base in pairs
         ]
     return "\n".join(lines)

@@ -90,6 +90,12 @@ def test_bench_train_and_generate_write_their_sections(tiny_hf_dir, tmp_path, ca
     assert any("| PyTorch eager DiffLoRA | difflora-32 |" in r for r in rows)
     per_layer = [r for r in rows if "per-layer adapters" in r]
     assert [r.split(" | ")[1] for r in per_layer] == ["lora-r8", "difflora-32"]
+    # DiffLoRA's step over LoRA's of the same setting, once per setting
+    ratios = [line for line in text.splitlines() if " step / " in line]
+    assert len(ratios) == 2 and all(
+        "difflora-32 step / lora-r8 step at 1 x 16 (" in r for r in ratios
+    )
+    assert sum("per-layer adapters" in r for r in ratios) == 1
     assert any(r.startswith("| 1 | transformers |") for r in rows)
     assert "difflora bench train --methods lora-r8,difflora-32" in text
     # a second run replaces the section instead of appending another
