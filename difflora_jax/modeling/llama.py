@@ -83,10 +83,10 @@ def stacked_runs(stacks: Mapping[tuple[int, int], tuple[Any, Any]]) -> Iterator[
     """Inside this context, a scanned run of layers ``(start, stop)`` (``layer_runs``) that
     ``stacks`` lists as ``(kind, values)`` takes its variables of filter ``kind`` from
     ``values`` (one layer's pure-dict structure, every array with a leading axis of
-    ``stop - start``) instead of stacking its layers' own. The train step keeps the adapter parameters and dropout RNG
-    streams stacked this way (``training.layout``), so gradients and advanced streams leave
-    the scan stacked: no per-layer slices, and one optimizer update per stacked array rather
-    than per layer's.
+    ``stop - start``) instead of stacking its layers' own. The train step keeps the adapter
+    parameters and dropout RNG streams stacked this way (``training.layout``), so gradients
+    and advanced streams leave the scan stacked: no per-layer slices, and one optimizer update
+    per stacked array rather than per layer's.
 
     Yields a dict that the forward fills with ``{(start, stop): RNG state}`` (stacked pure
     dicts) of each listed run whose dropout streams advanced; the layers' own streams are

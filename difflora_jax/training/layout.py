@@ -3,18 +3,18 @@
 ``split_for_training`` gives the adapter parameters and the dropout RNG state per layer
 (``{"layers": {0: ..., 1: ...}}``, the layout of checkpoints, exports and ``write_back``). The
 training loop keeps them, and the optimizer state built from the parameters, in the *stacked*
-layout instead: the layers of each run that
-executes as one ``lax.scan`` (``LlamaForCausalLM.layer_runs``, runs of more than one layer)
-move from ``"layers"`` to ``"layer_runs"``, keyed by ``(start, stop)``, as one layer's structure
-whose arrays carry a leading axis of ``stop - start``::
+layout instead: the layers of each run that executes as one ``lax.scan``
+(``LlamaForCausalLM.layer_runs``, runs of more than one layer) move from ``"layers"`` to
+``"layer_runs"``, keyed by ``(start, stop)``, as one layer's structure whose arrays carry a
+leading axis of ``stop - start``::
 
     {"layers": {0: {...}, ..., 29: {...}}}  ->  {"layer_runs": {(0, 30): {...}}}
 
-The scan then reads the adapters and streams as they are stored (``modeling.llama.stacked_runs``)
-and hands back the gradients and advanced streams stacked, so the step's gradient scaling,
-norm, clipping, AdamW update and non-finite guard run once per stacked array (14 adapter
-arrays for LoRA r8 on SmolLM2-135M) rather than once per layer's (420, and as many RNG
-arrays): the compiled step no longer grows with the depth. The numbers are those of the
+The scan then reads the adapters and streams as they are stored
+(``modeling.llama.stacked_runs``) and hands back the gradients and advanced streams stacked,
+so the step's gradient scaling, norm, clipping, AdamW update and non-finite guard run once
+per stacked array (14 adapter arrays for LoRA r8 on SmolLM2-135M) rather than once per
+layer's (420, and as many RNG arrays): the compiled step no longer grows with the depth. The numbers are those of the
 per-layer layout.
 
 The conversions work on any tree holding adapter-shaped dicts (the parameters, their gradients,
