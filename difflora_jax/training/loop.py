@@ -204,7 +204,6 @@ class _Run:
     graphdef: nnx.GraphDef
     rest: dict
     layers: tuple[int, ...]
-    runs: tuple[tuple[int, int], ...]  # the scanned runs the state is stacked by
     mesh: Mesh
     step_fn: ShardedStep
 
@@ -281,7 +280,6 @@ def _prepare(
         graphdef=graphdef,
         rest=rest,
         layers=lambda_layers(model),
-        runs=scanned_runs(model),
         mesh=mesh,
         step_fn=step_fn,
     )
@@ -326,20 +324,14 @@ def _resume(checkpointer: Checkpointer, run: _Run, state: TrainState) -> int | N
             meta = checkpointer.read_meta(step)
             check_fits(meta, run.model, where, source=run.config.model)
             # checkpoints hold the per-layer layout
-            restored = checkpointer.restore(
-                step,
-                params=to_per_layer(state.params),
-                opt_state=to_per_layer(state.opt_state),
-                rng=to_per_layer(state.rng),
-            )
+            params, opt_state, rng = to_per_layer((state.params, state.opt_state, state.rng))
+            restored = checkpointer.restore(step, params=params, opt_state=opt_state, rng=rng)
         except CorruptCheckpointError as e:
             _set_aside(checkpointer, run.run_dir, step, e)
             continue
         assert restored.rng is not None  # restore returns the rng template it was given
-        state.params, state.opt_state, state.rng = (
-            to_stacked(restored.params, run.runs),
-            to_stacked(restored.opt_state, run.runs),
-            to_stacked(restored.rng, run.runs),
+        state.params, state.opt_state, state.rng = to_stacked(
+            (restored.params, restored.opt_state, restored.rng), scanned_runs(run.model)
         )
         state.step = restored.step
         data_state = meta.get("data_state")
@@ -389,11 +381,12 @@ def _non_finite(checkpointer: Checkpointer, step: int, metrics: dict) -> NonFini
 
 def _save(checkpointer: Checkpointer, run: _Run, state: TrainState, record: dict) -> None:
     batches = run.batches
+    params, opt_state, rng = to_per_layer((state.params, state.opt_state, state.rng))
     checkpointer.save(
         state.step,
-        params=to_per_layer(state.params),
-        opt_state=to_per_layer(state.opt_state),
-        rng=to_per_layer(state.rng),
+        params=params,
+        opt_state=opt_state,
+        rng=rng,
         meta={
             "data_state": batches.state() if hasattr(batches, "state") else None,  # type: ignore[attr-defined]
             "adapter_config": to_dict(run.adapter_config),

@@ -113,15 +113,11 @@ def plan(
         nnx.to_pure_dict(part)
         for part in nnx.split_state(shardings, AdapterParam, nnx.RngState, ...)
     )
-    # the training loop's layout: each scanned run's adapters stacked
+    # the training loop's layout: each scanned run's adapters and dropout streams stacked
     runs = scanned_runs(abstract)
-    params = _with_shardings(
-        jax.eval_shape(lambda p: stack_layers(p, runs), params),
-        stack_layers(sh_params, runs, stack_sharding),
-    )
-    rng = _with_shardings(
-        jax.eval_shape(lambda r: stack_layers(r, runs), rng),
-        stack_layers(sh_rng, runs, stack_sharding),
+    params, rng = _with_shardings(
+        jax.eval_shape(lambda t: stack_layers(t, runs), (params, rng)),
+        stack_layers((sh_params, sh_rng), runs, stack_sharding),
     )
     rest = _with_shardings(rest, sh_rest)
     optimizer = OptimizerConfig(total_steps=1000)
