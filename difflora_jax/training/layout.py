@@ -109,7 +109,7 @@ def unstack_layers(
 
 
 def stacked_part(params: dict) -> dict[Run, Any]:
-    """``{(start, stop): stacked dict}`` of a stacked-layout parameter dict (empty when none)."""
+    """``{(start, stop): stacked dict}`` of a stacked-layout dict (empty when none)."""
     return dict(params.get(RUNS_KEY, {}))
 
 
