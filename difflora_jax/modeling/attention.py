@@ -2,9 +2,9 @@
 
 The standard Llama attention calls :func:`attention`. The differential attention of DiffLoRA
 stacks its positive and negative queries and keys along the head axis and calls
-:func:`differential_attention`: on the XLA path a fused kernel that combines the two maps
-before they weigh the shared V (one ``P V`` product instead of two), on the other backends one
-:func:`attention` call over the stacked heads, combined after.
+:func:`differential_attention`: on the XLA path its own kernel that reads the shared V in place
+(no copy of V per map) and takes its backward's row terms from the two maps' saved outputs, on
+the other backends one :func:`attention` call over the stacked heads, combined after.
 """
 
 from __future__ import annotations
@@ -183,6 +183,9 @@ def _heads_major(query, key, value) -> tuple[jax.Array, jax.Array, jax.Array]:
     return q, key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
 
 
+_f32_einsum = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+
+
 def _masked_logits(q, k, mask, scale: float) -> jax.Array:
     """float32 scaled logits ``[b, kv_heads, groups, t, s]`` of head-major ``q`` and ``k``,
     ``_MASK_VALUE`` where ``mask`` ``[b, 1, t, s]`` is False."""
@@ -191,14 +194,14 @@ def _masked_logits(q, k, mask, scale: float) -> jax.Array:
 
 
 def _block_softmax(q, k, mask, scale: float, start: int, stop: int, n: int):
-    """``(probs, top, total)`` of query rows ``[start, stop)`` of head-major ``q`` against the
-    first ``n`` keys: the float32 softmax maps and, per row, the maximum of the masked logits
-    and the sum of their exponentials after subtracting it (``[..., 1]``)."""
+    """``(unnormalized, top, total)`` of query rows ``[start, stop)`` of head-major ``q``
+    against the first ``n`` keys: the float32 exponentials of the masked logits after
+    subtracting each row's maximum ``top``, and their row sum ``total`` (``[..., 1]``), so the
+    softmax maps are ``unnormalized / total``."""
     logits = _masked_logits(q[:, :, :, start:stop], k[:, :, :n], mask[:, :, start:stop, :n], scale)
     top = jnp.max(logits, axis=-1, keepdims=True)
     unnormalized = jnp.exp(logits - top)
-    total = jnp.sum(unnormalized, axis=-1, keepdims=True)
-    return unnormalized / total, top, total
+    return unnormalized, top, jnp.sum(unnormalized, axis=-1, keepdims=True)
 
 
 def _block_probs(q, k, mask, scale, start, stop, n, top, total):
@@ -208,21 +211,27 @@ def _block_probs(q, k, mask, scale, start, stop, n, top, total):
     return jnp.exp(logits - top[:, :, :, start:stop]) / total[:, :, :, start:stop]
 
 
-def _blocks_forward(q, k, v, mask, scale: float, block: int | None, out_dtype, combine=None):
+def _blocks_forward(q, k, v, mask, scale: float, block: int | None, out_dtype):
     """``(out, top, total)`` of head-major inputs: the output ``[b, kv_heads, groups, t, d]``
     and, per row, the float32 maximum of its masked logits and the sum of their exponentials
     after subtracting it (``[b, kv_heads, groups, t, 1]``), from which the backward recomputes
     the probabilities exactly. (Not one log-sum-exp: in a row without a valid key ``top +
-    log(total)`` rounds to ``top``.) ``combine``: maps each block's probabilities to the
-    weights of ``v`` (default: the probabilities themselves)."""
+    log(total)`` rounds to ``top``.)
+
+    Each block's exponentials weigh ``v`` before they are normalised, and the ``[t, d]``
+    product is divided by ``total`` (one pass over the ``[t, s]`` map fewer than normalising
+    the map). With ``k`` holding a multiple of ``v``'s heads (the differential attention's
+    ``[K1; K2]`` over one shared V), each group of ``v.shape[1]`` key heads weighs ``v`` in
+    turn and ``out`` stacks the results on the heads axis (``[O1; O2]``)."""
+    kv = v.shape[1]
     outs, tops, totals = [], [], []
     for start, stop, n in _query_blocks(q.shape[3], k.shape[2], block):
-        probs, top, total = _block_softmax(q, k, mask, scale, start, stop, n)
-        weights = (probs if combine is None else combine(probs)).astype(v.dtype)
-        out = jnp.einsum(
-            "bkgts,bksd->bkgtd", weights, v[:, :, :n], preferred_element_type=jnp.float32
-        )
-        outs.append(out.astype(out_dtype))
+        unnormalized, top, total = _block_softmax(q, k, mask, scale, start, stop, n)
+        weights = unnormalized.astype(v.dtype)
+        maps = [weights[:, i : i + kv] for i in range(0, weights.shape[1], kv)]
+        out = [_f32_einsum("bkgts,bksd->bkgtd", m, v[:, :, :n]) for m in maps]
+        out = out[0] if len(out) == 1 else jnp.concatenate(out, axis=1)
+        outs.append((out / total).astype(out_dtype))
         tops.append(top)
         totals.append(total)
     if len(outs) == 1:
@@ -234,9 +243,6 @@ def _blocks_forward(q, k, v, mask, scale: float, block: int | None, out_dtype, c
 def _from_heads_major(out_h: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """``[b, kv_heads, groups, t, d]`` back to ``shape`` ``[b, t, heads, d]``."""
     return out_h.transpose(0, 3, 1, 2, 4).reshape(shape)
-
-
-_f32_einsum = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
 
 
 def _zeros_transposed(keys: jax.Array) -> jax.Array:
@@ -328,12 +334,14 @@ def differential_attention(
     float32 scalar. Returns float32 ``[batch, q_len, heads, head_dim]``. Mask, scale and
     ``causal_block`` as in :func:`attention`.
 
-    On the XLA path with a shared V (the paper's method), the two maps are combined before they
-    weigh V: one ``P V`` product instead of two forward, and one ``dV`` and one ``dP`` product
-    instead of two each backward (the 2H-head attention call did the work of two separate
-    attentions). The backward recomputes both maps from the saved per-row maximum and normaliser,
-    as :func:`attention` does. Otherwise (the other backends, or a V per map) it is one
-    :func:`attention` call over the stacked heads, combined after.
+    On the XLA path with a shared V (the paper's method), a kernel of its own: forward, both
+    maps weigh the one V (``O1 = P1 V``, ``O2 = P2 V``, no V copied per map) and ``O1 - lam
+    O2`` is returned; backward, one ``dV`` and one ``dD = dO V^T`` product serve both maps (of
+    ``D = P1 - lam P2``), both maps are recomputed from the saved per-row maximum and normaliser
+    (as :func:`attention` does), and the softmax backward's row terms ``rowsum(P_i dP_i)`` and
+    the gradient of lambda come from ``dO . O_i`` on the saved outputs instead of sums over the
+    maps. Otherwise (the other backends, or a V per map) it is one :func:`attention` call over
+    the stacked heads, combined after.
     """
     _, q_len, heads2, head_dim = queries.shape
     heads, kv_heads = heads2 // 2, keys.shape[2] // 2
@@ -365,37 +373,45 @@ def _xla_differential(queries, keys, value, mask, lam, scale: float, block: int 
 def _xla_differential_fwd(queries, keys, value, mask, lam, scale, block):
     q, k, v = _heads_major(queries, keys, value)  # [b, 2kv, g, t, d], [b, 2kv, s, d], [b, kv, s, d]
     kv = v.shape[1]
-
-    def combine(probs):  # [b, 2kv, g, t, n] -> P1 - lam P2, [b, kv, g, t, n]
-        return probs[:, :kv] - lam * probs[:, kv:]
-
-    out_h, top, total = _blocks_forward(q, k, v, mask, scale, block, jnp.float32, combine)
+    # [O1; O2] = [P1 V; P2 V], [b, 2kv, g, t, d]: kept for the backward's row terms
+    both, top, total = _blocks_forward(q, k, v, mask, scale, block, jnp.float32)
     batch, q_len, heads2, head_dim = queries.shape
-    out = _from_heads_major(out_h, (batch, q_len, heads2 // 2, head_dim))
-    return out, (q, k, v, mask, lam, top, total)
+    out = _from_heads_major(
+        both[:, :kv] - lam * both[:, kv:], (batch, q_len, heads2 // 2, head_dim)
+    )
+    return out, (q, k, v, mask, lam, top, total, both)
 
 
 def _xla_differential_bwd(scale, block, residuals, d_out):
-    q, k, v, mask, lam, top, total = residuals
+    q, k, v, mask, lam, top, total, both = residuals
     batch, kv2, groups, q_len, head_dim = q.shape
     kv = kv2 // 2
     d_o = d_out.reshape(batch, q_len, kv, groups, head_dim).transpose(0, 2, 3, 1, 4)
     d_o = d_o.astype(jnp.float32)  # [b, kv, g, t, d]
+    # the softmax backward's row terms rowsum(P_i dP_i) from the saved outputs: with dP1 = dD
+    # and dP2 = -lam dD (dD = dO V^T, the gradient of P1 - lam P2), rowsum(P_i dD) = dO . O_i;
+    # the -lam of map 2 is applied with its scale below. dlam = sum(-dO . O2).
+    delta1 = jnp.einsum("bkgtd,bkgtd->bkgt", d_o, both[:, :kv])[..., None]
+    delta2 = jnp.einsum("bkgtd,bkgtd->bkgt", d_o, both[:, kv:])[..., None]
+    d_lam = -jnp.sum(delta2)
     d_q, d_k_t, d_v_t = [], _zeros_transposed(k), _zeros_transposed(v)
-    d_lam = jnp.zeros((), jnp.float32)
     for start, stop, n in _query_blocks(q_len, k.shape[2], block):
         probs = _block_probs(q, k, mask, scale, start, stop, n, top, total)  # [b, 2kv, g, t, n]
         positive, negative = probs[:, :kv], probs[:, kv:]
         d_o_i = d_o[:, :, :, start:stop]
         d_v_t = d_v_t.at[..., :n].add(_transposed_key_grad(d_o_i, positive - lam * negative))
         d_diff = _f32_einsum("bkgtd,bksd->bkgts", d_o_i, v[:, :, :n])  # d(P1 - lam P2)
-        d_lam = d_lam - jnp.sum(negative * d_diff)
-        d_probs = jnp.concatenate([d_diff, -lam * d_diff], axis=1)
         # softmax backward per map: P * (dP - rowsum(P dP)); masked logits get no gradient
-        delta = jnp.sum(probs * d_probs, axis=-1, keepdims=True)
-        d_logits = jnp.where(
-            mask[:, :, None, start:stop, :n], probs * (d_probs - delta), 0.0
-        ) * jnp.float32(scale)
+        visible = mask[:, :, None, start:stop, :n]
+        d_logits = jnp.concatenate(
+            [
+                jnp.where(visible, positive * (d_diff - delta1[:, :, :, start:stop]), 0.0)
+                * jnp.float32(scale),
+                jnp.where(visible, negative * (d_diff - delta2[:, :, :, start:stop]), 0.0)
+                * (-lam * jnp.float32(scale)),
+            ],
+            axis=1,
+        )
         d_q.append(_f32_einsum("bkgts,bksd->bkgtd", d_logits, k[:, :, :n]))
         d_k_t = d_k_t.at[..., :n].add(_transposed_key_grad(q[:, :, :, start:stop], d_logits))
     d_q = d_q[0] if len(d_q) == 1 else jnp.concatenate(d_q, axis=3)

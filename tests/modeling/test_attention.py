@@ -115,8 +115,9 @@ def test_xla_path_and_its_recomputing_backward_equal_autodiff_of_the_textbook_fo
     ids=["mha-dense", "gqa-8", "mqa-5"],
 )
 def test_fused_differential_path_equals_autodiff_of_the_two_maps_formula(heads, kv_heads, block):
-    """``differential_attention`` on the XLA path combines the two maps before they weigh the
-    shared V and has its own backward; it gives the values and the q, k, v and lambda gradients
+    """``differential_attention`` on the XLA path has its own kernel and backward (both maps
+    weigh the shared V in place; the backward's row terms and the lambda gradient come from the
+    saved outputs); it gives the values and the q, k, v and lambda gradients
     of ``softmax(Q1 K1^T) V - lam softmax(Q2 K2^T) V`` written out and differentiated by
     autodiff, with padding and packing, at block sizes that do and do not divide the length.
     Rows without a valid key are compared without blocks only (as for ``attention``)."""
