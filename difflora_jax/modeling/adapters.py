@@ -178,8 +178,8 @@ class DifferentialAttention(nnx.Module):
     """DiffLoRA attention on top of a pretrained layer's frozen projections.
 
     ``(softmax(Q1 K1^T / sqrt(h)) - lambda softmax(Q2 K2^T / sqrt(h))) V`` per head, computed by
-    ``attention.differential_attention`` (on the XLA path the two maps are combined before they
-    weigh the shared V), or, with ``relu_on_differential``, from the explicit maps.
+    ``attention.differential_attention`` (on the XLA path a kernel of its own over the shared
+    V), or, with ``relu_on_differential``, from the explicit maps.
     """
 
     def __init__(

@@ -11,8 +11,10 @@ optimizer are left out, as is usual for model FLOP utilisation):
 * attention, per sequence and layer, over the causal pairs ``T (T + 1) / 2`` only: forward
   ``2 * d * (maps + H)`` per pair (the scores of each map, and one weighted sum of V per head),
   ``maps`` = H for a standard layer and 2H for a differential one (both maps are scored; their
-  difference weighs the shared V once, as ``attention.differential_attention`` computes it);
-  backward twice the forward;
+  difference weighs the shared V once: the model's arithmetic. The XLA kernel of
+  ``attention.differential_attention`` weighs V with each map forward, to keep ``P1 V`` and
+  ``P2 V`` for its backward: H more products per pair that it does and the formula, counting
+  the model's FLOPs, does not); backward twice the forward;
 * LM head ``2 E V`` per token forward, ``2 E V`` backward (activations only; the embedding is
   frozen).
 
