@@ -262,6 +262,13 @@ def _transposed_key_grad(rows: jax.Array, maps: jax.Array) -> jax.Array:
     return _f32_einsum("bkgtd,bkgts->bkds", rows, maps)
 
 
+def _logit_grad(probs, d_probs, delta, visible, scale: float) -> jax.Array:
+    """The softmax backward to the scaled logits: ``scale * P * (dP - delta)`` with ``delta =
+    rowsum(P dP)`` (``[..., 1]``); masked logits are constants, so no gradient there, even in
+    rows without a valid key."""
+    return jnp.where(visible, probs * (d_probs - delta), 0.0) * jnp.float32(scale)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _xla_attention(query, key, value, mask, scale: float, block: int | None) -> jax.Array:
     """Softmax attention on the XLA path, in query blocks (``block``: causal prefixes) or one
@@ -294,12 +301,8 @@ def _xla_attention_bwd(scale, block, residuals, d_out):
         d_o_i = d_o[:, :, :, start:stop]
         d_v_t = d_v_t.at[..., :n].add(_transposed_key_grad(d_o_i, probs))
         d_probs = _f32_einsum("bkgtd,bksd->bkgts", d_o_i, v[:, :, :n])
-        # masked logits are constants: no gradient there, even in rows without a valid key
-        d_logits = jnp.where(
-            mask[:, :, None, start:stop, :n],
-            probs * (d_probs - delta[:, :, :, start:stop, None]),
-            0.0,
-        ) * jnp.float32(scale)
+        visible = mask[:, :, None, start:stop, :n]
+        d_logits = _logit_grad(probs, d_probs, delta[:, :, :, start:stop, None], visible, scale)
         d_q.append(_f32_einsum("bkgts,bksd->bkgtd", d_logits, k[:, :, :n]))
         d_k_t = d_k_t.at[..., :n].add(_transposed_key_grad(q_i, d_logits))
     d_q = d_q[0] if len(d_q) == 1 else jnp.concatenate(d_q, axis=3)
@@ -401,14 +404,11 @@ def _xla_differential_bwd(scale, block, residuals, d_out):
         d_o_i = d_o[:, :, :, start:stop]
         d_v_t = d_v_t.at[..., :n].add(_transposed_key_grad(d_o_i, positive - lam * negative))
         d_diff = _f32_einsum("bkgtd,bksd->bkgts", d_o_i, v[:, :, :n])  # d(P1 - lam P2)
-        # softmax backward per map: P * (dP - rowsum(P dP)); masked logits get no gradient
         visible = mask[:, :, None, start:stop, :n]
         d_logits = jnp.concatenate(
             [
-                jnp.where(visible, positive * (d_diff - delta1[:, :, :, start:stop]), 0.0)
-                * jnp.float32(scale),
-                jnp.where(visible, negative * (d_diff - delta2[:, :, :, start:stop]), 0.0)
-                * (-lam * jnp.float32(scale)),
+                _logit_grad(positive, d_diff, delta1[:, :, :, start:stop], visible, scale),
+                _logit_grad(negative, d_diff, delta2[:, :, :, start:stop], visible, scale) * -lam,
             ],
             axis=1,
         )
